@@ -1,0 +1,200 @@
+"""The ``segan`` command line: parse, delegate to the library, print.
+
+Heavy libraries (torch, monai, mlflow) are imported inside the commands so that
+``segan --help`` stays fast. A :class:`~segan.errors.UserError` anywhere below ends in
+one ``error:`` line on stderr and its exit status (2 for bad input), never a traceback.
+"""
+
+from __future__ import annotations
+
+import sys
+from pathlib import Path
+
+import click
+
+from segan import __version__
+from segan.errors import UserError
+
+_SET_HELP = "Override a config key, e.g. --set train.epochs=3 (repeatable)."
+
+
+@click.group(context_settings={"help_option_names": ["-h", "--help"], "max_content_width": 100})
+@click.version_option(__version__, prog_name="segan")
+def cli() -> None:
+    """Adversarial medical-image segmentation: SegAN and classic GAN baselines."""
+
+
+# ---------------------------------------------------------------- prepare
+@cli.group()
+def prepare() -> None:
+    """Generate phantoms, validate data sets and write data lists."""
+
+
+@prepare.command("phantoms")
+@click.option("--out", "out", type=click.Path(file_okay=False), default="data/phantoms", show_default=True)
+@click.option("--cases", type=click.IntRange(2, None), default=24, show_default=True)
+@click.option("--size", type=click.IntRange(32, 512), default=96, show_default=True)
+@click.option("--seed", type=int, default=0, show_default=True)
+@click.option("--test-fraction", type=click.FloatRange(0.0, 0.9), default=0.25, show_default=True)
+def prepare_phantoms(out: str, cases: int, size: int, seed: int, test_fraction: float) -> None:
+    """Write a BraTS-like multi-modal phantom data set in MSD layout."""
+    from data_prep.phantoms import generate
+
+    summary = generate(Path(out), cases=cases, size=size, seed=seed, test_fraction=test_fraction)
+    click.echo(summary)
+
+
+@prepare.command("check")
+@click.argument("root", type=click.Path())
+@click.option("--json", "as_json", is_flag=True, help="Print the report as JSON.")
+@click.option("--datalist", type=click.Path(dir_okay=False), help="Write the data list (JSON) here.")
+@click.option("--seed", type=int, default=0, show_default=True, help="Seed of the train/validation split.")
+@click.option("--val-fraction", type=click.FloatRange(0.0, 0.9), default=0.2, show_default=True)
+@click.option("--folds", type=click.IntRange(2, None), default=None, help="k-fold cross-validation splits.")
+def prepare_check(root: str, as_json: bool, datalist: str | None, seed: int, val_fraction: float,
+                  folds: int | None) -> None:
+    """Validate every case of an MSD or BraTS folder; exit 2 listing all problems."""
+    from data_prep.msd import run_check
+
+    code = run_check(Path(root), as_json=as_json, datalist=Path(datalist) if datalist else None,
+                     seed=seed, val_fraction=val_fraction, folds=folds)
+    sys.exit(code)
+
+
+# ---------------------------------------------------------------- train
+@cli.command()
+@click.option("-c", "--config", "config", type=click.Path(), required=True, help="YAML config.")
+@click.option("--set", "overrides", multiple=True, metavar="KEY=VALUE", help=_SET_HELP)
+@click.option("--out", type=click.Path(file_okay=False), help="Output folder [outputs/<experiment>/<run>].")
+@click.option("--resume", type=click.Path(), help="Checkpoint (last.pt) or run folder to continue.")
+@click.option("--tracking-uri", help="MLflow tracking URI [$MLFLOW_TRACKING_URI or ./mlflow_runs].")
+@click.option("--register", metavar="NAME", help="Register the best segmentor in the MLflow model registry.")
+def train(config: str, overrides: tuple[str, ...], out: str | None, resume: str | None,
+          tracking_uri: str | None, register: str | None) -> None:
+    """Train a segmentor with SegAN, a GAN baseline or plain supervision."""
+    from segan.config import load_config
+    from segan.training import run_training
+
+    cfg = load_config(config, overrides)
+    result = run_training(cfg, out_dir=out, resume=resume, tracking_uri=tracking_uri, register=register)
+    click.echo(result.summary())
+    sys.exit(result.exit_code)
+
+
+@cli.command()
+@click.option("-c", "--config", "config", type=click.Path(), required=True)
+@click.option("--set", "overrides", multiple=True, metavar="KEY=VALUE", help=_SET_HELP)
+@click.option("--in-channels", type=int, default=None, help="Override channels (else from the data set).")
+def describe(config: str, overrides: tuple[str, ...], in_channels: int | None) -> None:
+    """Print layer output shapes, parameter counts and the critic's receptive fields."""
+    from segan.config import load_config
+    from segan.nets.describe import describe_models
+
+    click.echo(describe_models(load_config(config, overrides), in_channels=in_channels))
+
+
+# ---------------------------------------------------------------- inference
+@cli.command()
+@click.option("-m", "--model", "model", required=True,
+              help="Checkpoint, training folder, runs:/<id>/... or models:/<name>/<version>.")
+@click.option("-i", "--input", "inputs", required=True, multiple=True, help="File, folder or glob.")
+@click.option("-o", "--out", "out", type=click.Path(file_okay=False), required=True)
+@click.option("--tta", is_flag=True, help="Average predictions over flips.")
+@click.option("--probabilities", is_flag=True, help="Also write float32 probability maps.")
+@click.option("--device", default="auto", show_default=True)
+@click.option("--sw-batch", type=click.IntRange(1, None), default=None, help="Sliding-window batch size.")
+@click.option("--overlap", type=click.FloatRange(0.0, 0.95), default=None, help="Sliding-window overlap.")
+@click.option("--overwrite", is_flag=True, help="Replace existing outputs.")
+@click.option("--continue", "resume", is_flag=True, help="Skip inputs whose output exists.")
+@click.option("--tracking-uri", help="MLflow tracking URI for runs:/ and models:/ URIs.")
+def predict(model: str, inputs: tuple[str, ...], out: str, tta: bool, probabilities: bool, device: str,
+            sw_batch: int | None, overlap: float | None, overwrite: bool, resume: bool,
+            tracking_uri: str | None) -> None:
+    """Segment scans; masks keep each input's exact shape and affine."""
+    from segan.inference import PredictOptions, run_predict
+
+    opts = PredictOptions(tta=tta, probabilities=probabilities, device=device, sw_batch=sw_batch,
+                          overlap=overlap, overwrite=overwrite, resume=resume)
+    sys.exit(run_predict(model, list(inputs), Path(out), opts, tracking_uri=tracking_uri))
+
+
+@cli.command()
+@click.option("-p", "--pred", "pred", type=click.Path(), required=True, help="Folder of predicted masks.")
+@click.option("-g", "--gt", "gt", type=click.Path(), required=True, help="Folder of ground-truth masks.")
+@click.option("--regions", default=None,
+              help="name=1,2,3;name2=2,3 (default: from the predictions' model or dataset.json).")
+@click.option("--out", type=click.Path(dir_okay=False), default=None, help="Write per-case metrics CSV.")
+@click.option("--run", "run_id", default=None, help="Log the mean metrics to this MLflow run.")
+@click.option("--tracking-uri", default=None)
+def evaluate(pred: str, gt: str, regions: str | None, out: str | None, run_id: str | None,
+             tracking_uri: str | None) -> None:
+    """Dice, IoU, HD95, precision and sensitivity per case and region."""
+    from segan.metrics import run_evaluate
+
+    sys.exit(run_evaluate(Path(pred), Path(gt), regions=regions, out=Path(out) if out else None,
+                          run_id=run_id, tracking_uri=tracking_uri))
+
+
+# ---------------------------------------------------------------- tracking
+@cli.command()
+@click.option("-e", "--experiment", "experiments", multiple=True, help="Experiment name (repeatable).")
+@click.option("--metric", default="val_dice_mean", show_default=True)
+@click.option("--group-by", default="method", show_default=True)
+@click.option("--format", "fmt", type=click.Choice(["table", "csv", "json", "markdown"]), default="table",
+              show_default=True)
+@click.option("--plot", type=click.Path(dir_okay=False), default=None, help="Write curves and bars (PNG).")
+@click.option("--tracking-uri", default=None)
+def compare(experiments: tuple[str, ...], metric: str, group_by: str, fmt: str, plot: str | None,
+            tracking_uri: str | None) -> None:
+    """Compare MLflow runs: one row per run, then mean ± std per group."""
+    from segan.tracking import run_compare
+
+    click.echo(run_compare(list(experiments), metric=metric, group_by=group_by, fmt=fmt,
+                           plot=Path(plot) if plot else None, tracking_uri=tracking_uri))
+
+
+@cli.command()
+@click.option("-c", "--config", "config", type=click.Path(), required=True)
+@click.option("--methods", default="segan,bce,lsgan,supervised", show_default=True)
+@click.option("--seeds", default="0,1,2", show_default=True)
+@click.option("--set", "overrides", multiple=True, metavar="KEY=VALUE", help=_SET_HELP)
+@click.option("--tracking-uri", default=None)
+def sweep(config: str, methods: str, seeds: str, overrides: tuple[str, ...], tracking_uri: str | None) -> None:
+    """Train every method x seed as child runs of one parent run, then compare."""
+    from segan.sweep import run_sweep
+
+    sys.exit(run_sweep(config, methods=methods, seeds=seeds, overrides=list(overrides),
+                       tracking_uri=tracking_uri))
+
+
+# ---------------------------------------------------------------- bench
+@cli.command()
+@click.option("-c", "--config", "config", type=click.Path(), default="configs/segan_2d.yaml", show_default=True)
+@click.option("--set", "overrides", multiple=True, metavar="KEY=VALUE", help=_SET_HELP)
+@click.option("--device", type=click.Choice(["auto", "cpu", "cuda"]), default="auto", show_default=True)
+@click.option("--steps", type=click.IntRange(2, None), default=20, show_default=True)
+@click.option("--json", "json_out", type=click.Path(dir_okay=False), default=None)
+def bench(config: str, overrides: tuple[str, ...], device: str, steps: int, json_out: str | None) -> None:
+    """Measure eager vs fast training throughput, loader rate, MFU and inference time."""
+    from segan.bench import run_bench
+
+    click.echo(run_bench(config, overrides=list(overrides), device=device, steps=steps,
+                         json_out=Path(json_out) if json_out else None))
+
+
+def main() -> None:
+    """Console-script entry point: user errors become one line and an exit status."""
+    try:
+        cli.main(standalone_mode=False)
+    except click.exceptions.Abort:
+        click.echo("aborted", err=True)
+        sys.exit(130)
+    except click.ClickException as exc:
+        exc.show()
+        sys.exit(exc.exit_code)
+    except UserError as exc:
+        click.echo(f"error: {exc}", err=True)
+        sys.exit(exc.exit_code)
+    except KeyboardInterrupt:
+        click.echo("interrupted", err=True)
+        sys.exit(130)

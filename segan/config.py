@@ -118,7 +118,10 @@ class TrainConfig:
     device: str = "auto"  # auto | cpu | cuda | cuda:N
     amp: bool = True  # bf16 autocast on CUDA; always off on CPU
     channels_last: bool = True  # on CUDA only
-    compile: bool = False
+    compile: bool = False  # torch.compile the segmentor; falls back to eager on failure
+    cudnn_benchmark: bool = True
+    fused_critic: bool = True  # one critic pass over [fake; real] in the critic step
+    foreach_clamp: bool = True  # clamp critic weights with one foreach kernel, not a Python loop
     deterministic: bool = False
     threads: Optional[int] = None
     log_every: int = 10  # fetch losses from the device every N steps (no per-step sync)

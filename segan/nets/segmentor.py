@@ -1,0 +1,70 @@
+"""The segmentor: a MONAI U-Net (UNet, BasicUNet or DynUNet), 2D or 3D, returning logits.
+
+Inputs of any size are padded up to the multiple of the total stride the network needs
+and the logits are cropped back, so whole volumes and odd slice sizes just work.
+"""
+
+from __future__ import annotations
+
+import math
+
+import torch
+import torch.nn.functional as F
+from torch import nn
+
+from segan.config import ModelConfig
+
+
+class PadToStride(nn.Module):
+    """Wrap ``net``: pad ``(N, C, *spatial)`` to multiples of ``divisor``, crop the output back."""
+
+    def __init__(self, net: nn.Module, divisor: int) -> None:
+        super().__init__()
+        self.net = net
+        self.divisor = divisor
+
+    def forward(self, x: torch.Tensor) -> torch.Tensor:
+        spatial = x.shape[2:]
+        extra = [(-s) % self.divisor for s in spatial]
+        if not any(extra):
+            return self.net(x)
+        pad: list[int] = []
+        for e in reversed(extra):  # F.pad wants the last dim first
+            pad += [e // 2, e - e // 2]
+        y = self.net(F.pad(x, pad))
+        slices = [slice(None), slice(None)] + [slice(e // 2, e // 2 + s) for e, s in zip(extra, spatial)]
+        return y[tuple(slices)]
+
+
+def build_segmentor(cfg: ModelConfig, spatial_dims: int, in_channels: int, out_channels: int) -> nn.Module:
+    """U-Net mapping ``(N, in_channels, *spatial)`` to logits ``(N, out_channels, *spatial)``.
+
+    One output channel per region; the sigmoid is applied by the losses and at inference.
+    """
+    from monai.networks.nets import BasicUNet, DynUNet, UNet
+
+    norm = cfg.norm.upper()
+    if cfg.segmentor == "unet":
+        if len(cfg.channels) != len(cfg.strides) + 1:
+            from segan.errors import UserError
+
+            raise UserError("config key 'model.strides' needs one entry fewer than 'model.channels' "
+                            f"(got {len(cfg.strides)} strides for {len(cfg.channels)} channel levels)")
+        net: nn.Module = UNet(spatial_dims=spatial_dims, in_channels=in_channels, out_channels=out_channels,
+                              channels=tuple(cfg.channels), strides=tuple(cfg.strides),
+                              num_res_units=cfg.num_res_units, norm=norm, dropout=cfg.dropout)
+        divisor = math.prod(cfg.strides)
+    elif cfg.segmentor == "basicunet":
+        c = list(cfg.channels) + [cfg.channels[-1]] * max(0, 5 - len(cfg.channels))
+        features = tuple(c[:5]) + (c[0],)  # BasicUNet: 5 encoder levels + the last decoder's width
+        net = BasicUNet(spatial_dims=spatial_dims, in_channels=in_channels, out_channels=out_channels,
+                        features=features, norm=(norm.lower(), {"affine": True}), dropout=cfg.dropout)
+        divisor = 16
+    else:  # dynunet (nnU-Net-style)
+        strides = [1] + list(cfg.strides)
+        net = DynUNet(spatial_dims=spatial_dims, in_channels=in_channels, out_channels=out_channels,
+                      kernel_size=[3] * len(strides), strides=strides, upsample_kernel_size=strides[1:],
+                      filters=list(cfg.channels)[: len(strides)], norm_name=norm.lower(), dropout=cfg.dropout or None,
+                      res_block=cfg.num_res_units > 0)
+        divisor = math.prod(cfg.strides)
+    return PadToStride(net, divisor)

@@ -1,0 +1,443 @@
+"""The training loop shared by every method: alternate critic and segmentor steps.
+
+Follow ``segan train`` here: :func:`run_training` builds the data (``segan.data``), the
+method (``segan.methods``: critic + adversarial loss), the segmentor (``segan.nets``) and
+runs :class:`Trainer`. Per iteration: critic step(s) on the detached prediction, then a
+segmentor step with the critic frozen, loss = ``w_seg * seg + w_adv(t) * adversarial``.
+Losses stay on the device and are fetched every ``train.log_every`` steps (no
+host-device sync per step); that fetch is also the NaN/inf guard.
+"""
+
+from __future__ import annotations
+
+import hashlib
+import json
+import math
+import sys
+import time
+from contextlib import nullcontext
+from dataclasses import dataclass, field
+from pathlib import Path
+
+import torch
+from torch import nn
+
+from segan.checkpoint import load_checkpoint, make_meta, resolve_checkpoint_path, save_checkpoint
+from segan.config import Config, dump_yaml, to_dict
+from segan.errors import TrainingDiverged
+from segan.losses import SegmentationLoss
+from segan.methods import METHODS
+from segan.optim import build_optimizer, build_scheduler
+from segan.runtime import DistContext, init_distributed, resolve_device, rng_state, seed_everything, set_rng_state
+from segan.validation import validate
+
+LOSS_NAMES = ("loss_seg", "loss_adv", "loss_critic")
+
+
+@dataclass
+class TrainResult:
+    out_dir: Path
+    status: str = "FINISHED"  # FINISHED | FAILED | KILLED
+    exit_code: int = 0
+    epochs_done: int = 0
+    best_metric: float = float("nan")
+    metrics: dict = field(default_factory=dict)
+    run_id: str | None = None
+    message: str = ""
+
+    def summary(self) -> str:
+        dice = {k: round(v, 4) for k, v in self.metrics.items() if k.startswith("val_dice")}
+        return (f"{self.status}: {self.epochs_done} epochs, best val_dice_mean {self.best_metric:.4f}, "
+                f"last {dice}; outputs in {self.out_dir}" + (f"; MLflow run {self.run_id}" if self.run_id else "")
+                + (f"\n{self.message}" if self.message else ""))
+
+
+def adversarial_weight(cfg: Config, epoch_float: float) -> float:
+    """``w_adv`` after a segmentation-only warm-up, ramped linearly over ``adv_ramp_epochs``."""
+    m = cfg.method
+    t = epoch_float - m.adv_warmup_epochs
+    if t < 0:
+        return 0.0
+    if m.adv_ramp_epochs > 0:
+        return m.w_adv * min(1.0, t / m.adv_ramp_epochs)
+    return m.w_adv
+
+
+def default_run_name(cfg: Config) -> str:
+    digest = hashlib.sha1((json.dumps(to_dict(cfg), sort_keys=True) + str(time.time_ns())).encode()).hexdigest()
+    return f"{cfg.method.name}-{digest[:6]}"
+
+
+class Trainer:
+    """Owns models, optimizers and state; ``fit`` runs epochs until done or out of budget."""
+
+    def __init__(self, cfg: Config, out_dir: Path, dist: DistContext) -> None:
+        from segan.data import build_data
+        from segan.tracking import NullTracker
+
+        self.cfg, self.out_dir, self.dist = cfg, out_dir, dist
+        self.tracker = NullTracker()  # replaced by run_training once the data set is known
+        self.device = resolve_device(cfg.train.device, dist.local_rank)
+        self.amp = bool(cfg.train.amp and self.device.type == "cuda")
+        if self.device.type == "cuda":
+            torch.backends.cudnn.benchmark = cfg.train.cudnn_benchmark and not cfg.train.deterministic
+            torch.backends.cuda.matmul.allow_tf32 = True
+            torch.backends.cudnn.allow_tf32 = True
+        self.data = build_data(cfg)
+        cfg.data.channels = list(self.data.channels)  # the resolved config names what was derived
+        cfg.data.regions = dict(zip(self.data.region_names, self.data.region_labels))
+        n_in, n_out = len(self.data.channels), len(self.data.region_names)
+        dims = cfg.data.spatial_dims
+
+        from segan.nets import build_segmentor
+
+        self.method = METHODS[cfg.method.name](cfg, n_in, n_out)
+        self.segmentor = build_segmentor(cfg.model, dims, n_in, n_out).to(self.device)
+        critic = self.method.build_critic()
+        self.critic = critic.to(self.device) if critic is not None else None
+        self.memory_format = None
+        if cfg.train.channels_last and self.device.type == "cuda":
+            self.memory_format = torch.channels_last if dims == 2 else torch.channels_last_3d
+            for m in (self.segmentor, self.critic):
+                if m is not None:
+                    m.to(memory_format=self.memory_format)
+        if dist.enabled:
+            self.segmentor = nn.SyncBatchNorm.convert_sync_batchnorm(self.segmentor) if self.device.type == "cuda" \
+                else self.segmentor
+            self.seg_ddp: nn.Module = nn.parallel.DistributedDataParallel(
+                self.segmentor, device_ids=[self.device.index] if self.device.type == "cuda" else None)
+        else:
+            self.seg_ddp = self.segmentor
+        self.seg_forward = self._maybe_compile(self.seg_ddp)
+        self.seg_loss = SegmentationLoss(cfg.method.seg_loss, cfg.method.dice_batch)
+        o = cfg.optim
+        self.opt_seg = build_optimizer(self.segmentor.parameters(), o, o.lr, self.device)
+        self.sched_seg = build_scheduler(self.opt_seg, o, cfg.train.epochs)
+        self.opt_critic = self.sched_critic = None
+        if self.critic is not None:
+            self.opt_critic = build_optimizer(self.critic.parameters(), o, o.critic_lr, self.device)
+            self.sched_critic = build_scheduler(self.opt_critic, o, cfg.train.epochs)
+        self.scaler = torch.amp.GradScaler(enabled=False)  # bf16 needs no loss scaling; kept for resume symmetry
+        self.epoch = 0
+        self.step = 0
+        self.best_metric = -math.inf
+        self.history: list[dict] = []
+        per_rank = max(cfg.data.samples_per_epoch // (cfg.train.batch_size * dist.world_size), 1)
+        self.steps_per_epoch = cfg.train.steps_per_epoch or per_rank
+
+    # ------------------------------------------------------------------ set-up helpers
+    def _maybe_compile(self, module: nn.Module):
+        if not self.cfg.train.compile:
+            return module
+        try:
+            return torch.compile(module)
+        except Exception as exc:  # noqa: BLE001 - any backend failure falls back to eager
+            print(f"warning: torch.compile unavailable ({type(exc).__name__}); running eager", file=sys.stderr)
+            return module
+
+    def _autocast(self):
+        return torch.autocast("cuda", dtype=torch.bfloat16) if self.amp else nullcontext()
+
+    def meta(self) -> dict:
+        d = self.data
+        return make_meta(channels=d.channels, region_names=d.region_names, region_labels=d.region_labels,
+                         label_names=d.label_names, spatial_dims=self.cfg.data.spatial_dims,
+                         patch_size=self.cfg.data.patch_size, preprocess=d.preprocess_spec, dataset=d.dataset_name)
+
+    # ------------------------------------------------------------------ state
+    def state_dict(self) -> dict:
+        state = {
+            "config": to_dict(self.cfg), "meta": self.meta(),
+            "segmentor": self.segmentor.state_dict(),
+            "opt_seg": self.opt_seg.state_dict(), "sched_seg": self.sched_seg.state_dict(),
+            "scaler": self.scaler.state_dict(),
+            "epoch": self.epoch, "step": self.step, "best_metric": self.best_metric,
+            "rng": rng_state(), "history": self.history,
+            "mlflow_run_id": getattr(self.tracker, "run_id", None),
+        }
+        if self.critic is not None:
+            state.update(critic=self.critic.state_dict(), opt_critic=self.opt_critic.state_dict(),
+                         sched_critic=self.sched_critic.state_dict())
+        return state
+
+    def load_state_dict(self, ckpt: dict) -> None:
+        self.segmentor.load_state_dict(ckpt["segmentor"])
+        self.opt_seg.load_state_dict(ckpt["opt_seg"])
+        self.sched_seg.load_state_dict(ckpt["sched_seg"])
+        self.scaler.load_state_dict(ckpt["scaler"])
+        if self.critic is not None and "critic" in ckpt:
+            self.critic.load_state_dict(ckpt["critic"])
+            self.opt_critic.load_state_dict(ckpt["opt_critic"])
+            self.sched_critic.load_state_dict(ckpt["sched_critic"])
+        self.epoch, self.step = int(ckpt["epoch"]), int(ckpt["step"])
+        self.best_metric = float(ckpt["best_metric"])
+        self.history = list(ckpt.get("history", []))
+        set_rng_state(ckpt["rng"])
+
+    def save(self, name: str) -> Path:
+        path = self.out_dir / name
+        if self.dist.is_main:
+            save_checkpoint(self.state_dict(), path)
+        return path
+
+    # ------------------------------------------------------------------ one iteration
+    def train_step(self, image: torch.Tensor, target: torch.Tensor, w_adv: float) -> torch.Tensor:
+        """One critic update (or ``critic_steps``) then one segmentor update.
+
+        Returns the three losses as one device tensor ``[seg, adv, critic]`` (no sync).
+        """
+        zero = image.new_zeros(())
+        with self._autocast():
+            logits = self.seg_forward(image)
+        prob = torch.sigmoid(logits.float())
+        loss_critic = zero
+        if self.critic is not None:
+            for _ in range(self.cfg.method.critic_steps):
+                self.opt_critic.zero_grad(set_to_none=True)
+                with self._autocast():
+                    loss_critic = self.method.critic_loss(self.critic, image, prob.detach(), target)
+                loss_critic.backward()
+                if self.dist.enabled:
+                    _allreduce_grads(self.critic)
+                self.opt_critic.step()
+                self.method.after_critic_step(self.critic)
+            self.critic.requires_grad_(False)
+        loss_seg = self.seg_loss(logits, target)
+        loss_adv = zero
+        if self.critic is not None and w_adv > 0:
+            with self._autocast():
+                loss_adv = self.method.adversarial_loss(self.critic, image, prob, target)
+        total = self.cfg.method.w_seg * loss_seg + w_adv * loss_adv
+        self.opt_seg.zero_grad(set_to_none=True)
+        total.backward()
+        self.opt_seg.step()
+        if self.critic is not None:
+            self.critic.requires_grad_(True)
+        return torch.stack([loss_seg.detach().float(), loss_adv.detach().float(), loss_critic.detach().float()])
+
+    # ------------------------------------------------------------------ epochs
+    def fit(self, deadline: float | None) -> str:
+        """Run until ``train.epochs`` or the wall-clock ``deadline``; returns the stop reason."""
+        from segan.data import make_loader
+
+        cfg = self.cfg
+        sampler = None
+        if self.dist.enabled:
+            from torch.utils.data import DistributedSampler
+
+            sampler = DistributedSampler(self.data.train_set, self.dist.world_size, self.dist.rank, shuffle=False)
+        loader = make_loader(self.data.train_set, cfg.train.batch_size, cfg.data.num_workers, sampler=sampler,
+                             seed=cfg.seed, pin_memory=self.device.type == "cuda")
+        reason = "epochs"
+        while self.epoch < cfg.train.epochs:
+            self.data.train_set.set_epoch(self.epoch)
+            if sampler is not None:
+                sampler.set_epoch(self.epoch)
+            stats, out_of_time = self.train_epoch(loader, deadline)
+            self.sched_seg.step()
+            if self.sched_critic is not None:
+                self.sched_critic.step()
+            self.epoch += 1
+            last = self.epoch >= cfg.train.epochs or out_of_time
+            record = {"epoch": self.epoch, **stats, "lr": self.opt_seg.param_groups[0]["lr"]}
+            if self.dist.is_main and (self.epoch % cfg.train.val_every == 0 or last):
+                record.update(self.run_validation(final=last))
+            self.history.append(record)
+            self.save("last.pt")
+            self.tracker.log_metrics({k: v for k, v in record.items() if k != "epoch"}, step=self.epoch)
+            if out_of_time:
+                reason = "time budget"
+                break
+        return reason
+
+    def run_validation(self, final: bool) -> dict:
+        cfg = self.cfg
+        cases = self.data.val_cases[: cfg.train.val_max_cases] if cfg.train.val_max_cases else self.data.val_cases
+        if not cases:
+            return {}
+        res = validate(self.segmentor, cases, self.data.region_names, cfg.data.spatial_dims, cfg.data.patch_size,
+                       self.device, cfg.post.threshold, self.amp, hd95=final, overlap=cfg.post.overlap,
+                       sw_batch_size=cfg.post.sw_batch_size)
+        score = res.metrics.get("val_dice_mean", -math.inf)
+        if score > self.best_metric:
+            self.best_metric = score
+            self.save("best.pt")
+        if res.overlay is not None and (self.epoch % max(cfg.tracking.overlay_every, 1) == 0 or final):
+            self.tracker.log_overlay(*res.overlay, self.data.region_names, self.epoch)
+        return res.metrics
+
+    def train_epoch(self, loader, deadline: float | None) -> tuple[dict, bool]:
+        cfg = self.cfg
+        self.segmentor.train()
+        if self.critic is not None:
+            self.critic.train()
+        window = torch.zeros(3, device=self.device)
+        totals, count, seen = [0.0, 0.0, 0.0], 0, 0
+        out_of_time = False
+        start = time.perf_counter()
+        bar = _progress(self.steps_per_epoch, f"epoch {self.epoch + 1}/{cfg.train.epochs}",
+                        cfg.train.progress and self.dist.is_main)
+        it = iter(loader)
+        for i in range(self.steps_per_epoch):
+            try:
+                batch = next(it)
+            except StopIteration:
+                it = iter(loader)
+                batch = next(it)
+            image = batch["image"].to(self.device, non_blocking=True)
+            target = batch["target"].to(self.device, non_blocking=True)
+            if self.memory_format is not None:
+                image = image.contiguous(memory_format=self.memory_format)
+                target = target.contiguous(memory_format=self.memory_format)
+            w_adv = adversarial_weight(cfg, self.epoch + i / self.steps_per_epoch)
+            window += self.train_step(image, target, w_adv)
+            self.step += 1
+            seen += image.shape[0]
+            if (i + 1) % cfg.train.log_every == 0 or i + 1 == self.steps_per_epoch:
+                values = (window / ((i % cfg.train.log_every) + 1)).tolist()  # the one sync per window
+                n = (i % cfg.train.log_every) + 1
+                self._check_finite(values)
+                totals = [t + v * n for t, v in zip(totals, values)]
+                count += n
+                window.zero_()
+                if bar is not None:
+                    bar.set_postfix(seg=f"{values[0]:.3f}", adv=f"{values[1]:.3f}", critic=f"{values[2]:.3f}")
+                out_of_time = self._out_of_time(deadline)
+            if bar is not None:
+                bar.update(1)
+            if out_of_time:
+                break
+        if bar is not None:
+            bar.close()
+        elapsed = time.perf_counter() - start
+        stats = {name: totals[k] / max(count, 1) for k, name in enumerate(LOSS_NAMES)}
+        stats["samples_per_s"] = seen * self.dist.world_size / max(elapsed, 1e-9)
+        stats["w_adv"] = adversarial_weight(cfg, self.epoch + 1)
+        return stats, out_of_time
+
+    def _check_finite(self, values: list[float]) -> None:
+        if all(math.isfinite(v) for v in values):
+            return
+        named = ", ".join(f"{n}={v:.4g}" for n, v in zip(LOSS_NAMES, values))
+        raise TrainingDiverged(
+            f"training diverged at epoch {self.epoch + 1}, step {self.step} ({named}); the last good checkpoint "
+            f"is kept in {self.out_dir}; lower optim.lr / optim.critic_lr or method.w_adv and resume or restart")
+
+    def _out_of_time(self, deadline: float | None) -> bool:
+        flag = deadline is not None and time.monotonic() > deadline
+        if self.dist.enabled:  # every rank stops at the same step
+            import torch.distributed as dist
+
+            t = torch.tensor([float(flag)], device=self.device if self.device.type == "cuda" else "cpu")
+            dist.all_reduce(t, op=dist.ReduceOp.MAX)
+            flag = bool(t.item())
+        return flag
+
+
+def _allreduce_grads(module: nn.Module) -> None:
+    """Average gradients across ranks (the critic is not DDP-wrapped: it runs several
+    forwards per step, and WGAN-GP needs double backward, which DDP does not support)."""
+    import torch.distributed as dist
+
+    grads = [p.grad for p in module.parameters() if p.grad is not None]
+    if not grads:
+        return
+    flat = torch.cat([g.flatten() for g in grads])
+    dist.all_reduce(flat)
+    flat /= dist.get_world_size()
+    offset = 0
+    for g in grads:
+        g.copy_(flat[offset:offset + g.numel()].view_as(g))
+        offset += g.numel()
+
+
+def _log_run_inputs(tracker, trainer: Trainer, out: Path) -> None:
+    """Config, data list and preprocessing spec as artifacts; the data list's fingerprint as a param."""
+    from segan.io_utils import atomic_write_text
+
+    data = trainer.data
+    atomic_write_text(out / "datalist.json", json.dumps(data.datalist, indent=1))
+    atomic_write_text(out / "preprocess.json", json.dumps(data.preprocess_spec, indent=1))
+    tracker.log_params({"data.fingerprint": data.datalist.get("fingerprint", ""),
+                        "data.n_train": len(data.datalist.get("training", [])),
+                        "data.n_val": len(data.datalist.get("validation", []))})
+    for name in ("config.yaml", "datalist.json", "preprocess.json"):
+        tracker.log_artifact(out / name)
+
+
+def _progress(total: int, desc: str, enabled: bool):
+    if not enabled:
+        return None
+    from tqdm import tqdm
+
+    return tqdm(total=total, desc=desc, leave=False, dynamic_ncols=True, mininterval=1.0, file=sys.stderr)
+
+
+def run_training(cfg: Config, out_dir: str | Path | None = None, resume: str | Path | None = None,
+                 tracking_uri: str | None = None, register: str | None = None,
+                 parent_run_id: str | None = None) -> TrainResult:
+    """Train per ``cfg``; returns a :class:`TrainResult` (``exit_code`` 0, 3 on divergence, 130 on Ctrl-C)."""
+    dist = init_distributed(cfg.train.device)
+    if cfg.train.threads:
+        torch.set_num_threads(cfg.train.threads)
+    ckpt = None
+    if resume:
+        resume_path = resolve_checkpoint_path(Path(resume) / "last.pt" if Path(resume).is_dir() else resume)
+        ckpt = load_checkpoint(resume_path)
+        out = resume_path.parent
+    else:
+        run_name = cfg.run_name or default_run_name(cfg)
+        cfg.run_name = run_name
+        out = Path(out_dir) if out_dir else Path("outputs") / cfg.experiment / run_name
+    if ckpt is not None:
+        cfg.run_name = cfg.run_name or ckpt["config"].get("run_name")
+    seed_everything(cfg.seed + dist.rank, cfg.train.deterministic)
+    from segan.tracking import NullTracker, make_tracker
+
+    tracker = NullTracker()
+    result = TrainResult(out_dir=out)
+    trainer = None
+    try:
+        trainer = Trainer(cfg, out, dist)
+        tracker = make_tracker(cfg, dist.rank, tracking_uri=tracking_uri, experiment=cfg.experiment,
+                               run_name=cfg.run_name, resume_run_id=ckpt.get("mlflow_run_id") if ckpt else None,
+                               parent_run_id=parent_run_id,
+                               tags={"method": cfg.method.name, "spatial_dims": str(cfg.data.spatial_dims),
+                                     "dataset": trainer.data.dataset_name})
+        trainer.tracker = tracker
+        result.run_id = getattr(tracker, "run_id", None)
+        if dist.is_main:
+            out.mkdir(parents=True, exist_ok=True)
+            dump_yaml(cfg, out / "config.yaml")
+            _log_run_inputs(tracker, trainer, out)
+        if ckpt is not None:
+            trainer.load_state_dict(ckpt)
+        deadline = time.monotonic() + cfg.train.max_minutes * 60 if cfg.train.max_minutes else None
+        reason = trainer.fit(deadline)
+        result.message = f"stopped: {reason}"
+        if dist.is_main:
+            tracker.log_curves(trainer.history)
+            best = out / "best.pt"
+            tracker.log_model(best if best.exists() else out / "last.pt", register=register)
+        result.status = "FINISHED"
+    except TrainingDiverged as exc:
+        result.status, result.exit_code, result.message = "FAILED", exc.exit_code, f"error: {exc}"
+    except KeyboardInterrupt:
+        if trainer is not None:
+            trainer.save("last.pt")
+        result.status, result.exit_code = "KILLED", 130
+        result.message = f"interrupted: state saved to {out / 'last.pt'}; continue with --resume {out / 'last.pt'}"
+    except BaseException:
+        tracker.finish("FAILED")
+        raise
+    tracker.finish(result.status)
+    if trainer is not None:
+        result.epochs_done = trainer.epoch
+        result.best_metric = trainer.best_metric
+        result.metrics = trainer.history[-1] if trainer.history else {}
+    if dist.enabled:
+        import torch.distributed as tdist
+
+        tdist.barrier()
+        tdist.destroy_process_group()
+    return result

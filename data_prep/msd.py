@@ -1,0 +1,566 @@
+"""Read, validate and split NIfTI data sets: MSD (with or without ``dataset.json``) and BraTS.
+
+Layouts (``DatasetInfo.layout``):
+
+- ``msd``: ``dataset.json`` (MSD keys ``modality``/``labels``/``training``/``test``, or
+  nnU-Net v2 ``channel_names``/``labels`` with list-valued regions and no file lists)
+  beside ``imagesTr/``, ``labelsTr/``, ``imagesTs/`` and optionally ``labelsTs/``.
+- ``msd-nojson``: the same folders without ``dataset.json``; images are paired with
+  labels by name; a case is one 3D/4D file (``case.nii.gz``) or one file per channel
+  (``case_0000.nii.gz``, ``case_0001.nii.gz``...).
+- ``brats``: one folder per case holding ``CASE_t1``, ``_t1ce``, ``_t2``, ``_flair``
+  and ``_seg`` (BraTS 2023 ``-t1n``, ``-t1c``, ``-t2w``, ``-t2f``, ``-seg`` also read);
+  channel order t1, t1ce, t2, flair. Cases without a segmentation are test cases when
+  no case has one.
+
+:func:`check_dataset` reads every file once and lists every problem, one line each,
+naming the file and the fix; :func:`make_datalist` writes the split that training
+reads back.
+"""
+
+from __future__ import annotations
+
+import hashlib
+import json
+import os
+import re
+import sys
+from collections import Counter
+from dataclasses import dataclass, field
+from pathlib import Path
+
+import numpy as np
+
+from data_prep.io import (CHANNEL_FILE, NIFTI_SUFFIXES, ScanError, is_nifti, load_image, load_label, read_header,
+                          stem)
+from segan.errors import UserError
+
+BRATS_CHANNELS = ("t1", "t1ce", "t2", "flair")
+# BraTS 2023 file suffixes -> the classic names, same channel order.
+_BRATS_ALIASES = {"t1": "t1", "t1ce": "t1ce", "t2": "t2", "flair": "flair",
+                  "t1n": "t1", "t1c": "t1ce", "t2w": "t2", "t2f": "flair", "seg": "seg"}
+_BRATS_FILE = re.compile(r"^(?P<case>.+?)[_-](?P<kind>t1ce|t1n|t1c|t1|t2w|t2f|t2|flair|seg)$", re.IGNORECASE)
+# BraTS labels: 1 necrotic / non-enhancing core, 2 oedema, 4 enhancing (3 since BraTS 2023).
+_BRATS_NAMES = {0: "background", 1: "necrotic / non-enhancing core", 2: "oedema", 3: "enhancing",
+                4: "enhancing"}
+
+
+@dataclass
+class Case:
+    """One case: ``images`` in channel order (one 4D file, or one 3D file per channel)."""
+
+    name: str
+    images: list[str]      # absolute paths
+    label: str | None      # absolute path (may not exist: check_dataset reports it)
+
+
+@dataclass
+class DatasetInfo:
+    root: Path
+    name: str
+    layout: str                              # "msd" | "msd-nojson" | "brats"
+    channel_names: list[str]
+    labels: dict[int, str]                   # includes 0: background
+    regions: dict[str, list[int]] | None     # dataset.json "regions" / nnU-Net v2 lists / BraTS
+    training: list[Case]
+    test: list[Case]
+    problems: list[str] = field(default_factory=list)   # found while reading the layout
+
+
+# --------------------------------------------------------------------- label cache
+# Label values seen, per file: load_dataset needs them for folders without
+# dataset.json and check_dataset needs them again; the cache makes one read do.
+_LABEL_CACHE: dict[tuple[str, int, int], tuple[list[int], tuple[int, ...], np.ndarray] | str] = {}
+
+
+def _label_summary(path: str) -> tuple[list[int], tuple[int, ...], np.ndarray]:
+    """(sorted label values, shape, affine) of a label file; raises ScanError."""
+    st = os.stat(path)
+    key = (path, st.st_size, st.st_mtime_ns)
+    hit = _LABEL_CACHE.get(key)
+    if hit is None:
+        try:
+            data, affine = load_label(path)
+            hit = (np.unique(data).astype(int).tolist(), tuple(data.shape), affine)
+        except ScanError as exc:
+            hit = str(exc)
+        _LABEL_CACHE[key] = hit
+    if isinstance(hit, str):
+        raise ScanError(hit)
+    return hit
+
+
+def _seen_label_values(cases: list[Case]) -> set[int]:
+    values: set[int] = set()
+    for case in cases:
+        if case.label and os.path.isfile(case.label):
+            try:
+                values.update(_label_summary(case.label)[0])
+            except ScanError:
+                pass  # check_dataset reports it
+    return values
+
+
+# ----------------------------------------------------------------------- discovery
+def _nifti_files(folder: Path) -> list[Path]:
+    """NIfTI files of a folder, sorted; hidden files (macOS ``._x``, temp files) skipped."""
+    if not folder.is_dir():
+        return []
+    return sorted(p for p in folder.iterdir() if p.is_file() and is_nifti(p) and not p.name.startswith("."))
+
+
+def _find_by_stem(folder: Path, name: str) -> Path | None:
+    for suffix in NIFTI_SUFFIXES:
+        p = folder / f"{name}{suffix}"
+        if p.is_file():
+            return p
+    return None
+
+
+def _group_channels(files: list[Path], problems: list[str]) -> dict[str, list[str]]:
+    """Case name -> image paths in channel order (``case_0000``... or one file)."""
+    groups: dict[str, dict[int, Path]] = {}
+    for p in files:
+        m = CHANNEL_FILE.match(stem(p))
+        case, channel = (m["case"], int(m["channel"])) if m else (stem(p), 0)
+        slot = groups.setdefault(case, {})
+        if channel in slot:
+            problems.append(f"{p}: second file for case {case} channel {channel} (also {slot[channel].name}); "
+                            "remove one of them")
+            continue
+        slot[channel] = p
+    out = {}
+    for case, slot in sorted(groups.items()):
+        first = slot[min(slot)]
+        if set(slot) == {0} and not CHANNEL_FILE.match(stem(first)):   # one 3D/4D file
+            out[case] = [str(first)]
+            continue
+        # A gap (case_0000, case_0002) keeps the expected path so the check names it.
+        ext = ".nii.gz" if first.name.endswith(".nii.gz") else ".nii"
+        out[case] = [str(slot.get(c, first.parent / f"{case}_{c:04d}{ext}")) for c in range(max(slot) + 1)]
+    return out
+
+
+def _discover(root: Path, images: str, labels: str, problems: list[str],
+              labels_required: bool) -> list[Case]:
+    """Cases of ``root/images`` paired by name with ``root/labels``."""
+    groups = _group_channels(_nifti_files(root / images), problems)
+    label_dir = root / labels
+    cases = []
+    for name, paths in groups.items():
+        lab = _find_by_stem(label_dir, name)
+        if lab is None and labels_required:
+            lab = label_dir / f"{name}.nii.gz"      # expected; check_dataset reports it missing
+        cases.append(Case(name, paths, str(lab) if lab else None))
+    for lab in _nifti_files(label_dir):
+        if stem(lab) not in groups:
+            problems.append(f"{lab}: label without an image in {images}/; add the image or remove the label")
+    return cases
+
+
+def _channel_count(case: Case) -> int | None:
+    """Channels of a case from its headers (cheap), None if unreadable."""
+    if len(case.images) > 1:
+        return len(case.images)
+    try:
+        shape, _ = read_header(case.images[0])
+    except (ScanError, OSError):
+        return None
+    return shape[3] if len(shape) == 4 else 1
+
+
+def _infer_channel_names(cases: list[Case]) -> list[str]:
+    counts = Counter(c for c in (_channel_count(case) for case in cases) if c)
+    n = counts.most_common(1)[0][0] if counts else 1
+    return [f"channel_{i}" for i in range(n)]
+
+
+def _abs(root: Path, rel: str) -> str:
+    return os.path.normpath(str(root / rel[2:] if rel.startswith("./") else root / rel))
+
+
+# --------------------------------------------------------------------- dataset.json
+def _parse_labels(raw: object, path: Path) -> tuple[dict[int, str], dict[str, list[int]] | None]:
+    """MSD ``{"0": "background"}`` or nnU-Net v2 ``{"background": 0, "whole": [1, 2, 3]}``."""
+    if not isinstance(raw, dict) or not raw:
+        raise UserError(f"{path}: 'labels' must be a non-empty mapping like "
+                        '{"0": "background", "1": "tumour"}; fix the file')
+    try:
+        if all(str(k).strip().isdigit() for k in raw):
+            return {int(k): str(v) for k, v in raw.items()}, None
+        labels: dict[int, str] = {}
+        regions: dict[str, list[int]] = {}
+        for name, value in raw.items():
+            if isinstance(value, list):
+                regions[str(name)] = sorted(int(v) for v in value)
+            else:
+                labels[int(value)] = str(name)
+                regions[str(name)] = [int(value)]
+        if not any(isinstance(v, list) for v in raw.values()):
+            return labels, None
+        for ids in regions.values():
+            for lid in ids:
+                labels.setdefault(lid, f"label_{lid}")
+        return labels, {k: v for k, v in regions.items() if v != [0]}
+    except (TypeError, ValueError):
+        raise UserError(f"{path}: 'labels' values must be integers (or lists of integers for regions); "
+                        "fix the file") from None
+
+
+def _parse_regions(raw: object, path: Path) -> dict[str, list[int]]:
+    try:
+        regions = {str(k): sorted(int(v) for v in ids) for k, ids in raw.items()}  # type: ignore[union-attr]
+    except (AttributeError, TypeError, ValueError):
+        raise UserError(f"{path}: 'regions' must map names to lists of label ids, "
+                        'e.g. {"whole_tumour": [1, 2, 3]}; fix the file') from None
+    return regions
+
+
+def _entry_case(root: Path, image: object, label: object, path: Path) -> Case:
+    """A dataset.json entry; ``./imagesTr/x.nii.gz`` listed but stored as ``x_0000...``
+    (nnU-Net v1 style) resolves to the channel files."""
+    if isinstance(image, str):
+        images = [_abs(root, image)]
+    elif isinstance(image, list) and image and all(isinstance(i, str) for i in image):
+        images = [_abs(root, i) for i in image]
+    else:
+        raise UserError(f"{path}: entry {image!r} is not an image path; entries look like "
+                        '{"image": "./imagesTr/case.nii.gz", "label": "./labelsTr/case.nii.gz"}')
+    if len(images) == 1 and not os.path.exists(images[0]):
+        folder, name = Path(images[0]).parent, stem(images[0])
+        split = _nifti_files(folder) if folder.is_dir() else []
+        channels = [str(p) for p in split if (m := CHANNEL_FILE.match(stem(p))) and m["case"] == name]
+        if channels:
+            images = channels
+    first = stem(images[0])
+    m = CHANNEL_FILE.match(first)
+    name = m["case"] if m and len(images) > 1 else first
+    return Case(name, images, _abs(root, label) if isinstance(label, str) else None)
+
+
+def _load_msd(root: Path, meta_path: Path) -> DatasetInfo:
+    try:
+        meta = json.loads(meta_path.read_text(encoding="utf-8"))
+    except (OSError, UnicodeDecodeError) as exc:
+        raise UserError(f"{meta_path}: cannot be read ({type(exc).__name__}); check the file") from None
+    except ValueError as exc:
+        raise UserError(f"{meta_path}: not valid JSON ({exc}); fix the file") from None
+    if not isinstance(meta, dict):
+        raise UserError(f"{meta_path}: must hold a JSON object with 'labels' and 'modality'; fix the file")
+    problems: list[str] = []
+    labels, regions = _parse_labels(meta.get("labels"), meta_path)
+    labels.setdefault(0, "background")
+    if meta.get("regions") is not None:
+        regions = _parse_regions(meta["regions"], meta_path)
+
+    if isinstance(meta.get("training"), list):
+        training = []
+        for e in meta["training"]:
+            if not isinstance(e, dict):
+                raise UserError(f"{meta_path}: 'training' entry {e!r} must be an object with 'image' and 'label'")
+            case = _entry_case(root, e.get("image"), e.get("label"), meta_path)
+            if case.label is None:   # listed without a label: expect it beside the others
+                case.label = str(root / "labelsTr" / f"{case.name}.nii.gz")
+            training.append(case)
+    else:  # nnU-Net v2: no file list, cases are the files in imagesTr/
+        training = _discover(root, "imagesTr", "labelsTr", problems, labels_required=True)
+    if isinstance(meta.get("test"), list):
+        test = []
+        for e in meta["test"]:
+            img, lab = (e.get("image"), e.get("label")) if isinstance(e, dict) else (e, None)
+            case = _entry_case(root, img, lab, meta_path)
+            if case.label is None:
+                found = _find_by_stem(root / "labelsTs", case.name)
+                case.label = str(found) if found else None
+            test.append(case)
+    else:
+        test = _discover(root, "imagesTs", "labelsTs", problems, labels_required=False)
+
+    raw_channels = meta.get("channel_names", meta.get("modality"))
+    if isinstance(raw_channels, dict) and raw_channels:
+        try:
+            channel_names = [str(v) for _, v in sorted(raw_channels.items(), key=lambda kv: int(kv[0]))]
+        except ValueError:
+            raise UserError(f"{meta_path}: 'modality'/'channel_names' keys must be channel indices "
+                            '"0", "1", ...; fix the file') from None
+    else:
+        channel_names = _infer_channel_names(training + test)
+    n_declared = meta.get("numTraining")
+    if isinstance(n_declared, int) and n_declared != len(training):
+        problems.append(f"{meta_path}: numTraining is {n_declared} but {len(training)} training cases were "
+                        "found; fix numTraining or add the missing cases")
+    return DatasetInfo(root, str(meta.get("name") or root.name), "msd", channel_names, labels, regions,
+                       training, test, problems)
+
+
+# ---------------------------------------------------------------------------- BraTS
+def _brats_cases(root: Path) -> list[tuple[str, dict[str, Path]]]:
+    """Sub-folders holding BraTS-named files: (case, {t1|t1ce|t2|flair|seg: path})."""
+    found = []
+    for sub in sorted(p for p in root.iterdir() if p.is_dir() and not p.name.startswith(".")):
+        files: dict[str, Path] = {}
+        for f in _nifti_files(sub):
+            m = _BRATS_FILE.match(stem(f))
+            if m:
+                files.setdefault(_BRATS_ALIASES[m["kind"].lower()], f)
+        if files:
+            found.append((sub.name, files))
+    return found
+
+
+def _load_brats(root: Path, found: list[tuple[str, dict[str, Path]]]) -> DatasetInfo:
+    any_seg = any("seg" in files for _, files in found)
+    training, test = [], []
+    for name, files in found:
+        ext = ".nii.gz" if str(next(iter(files.values()))).endswith(".nii.gz") else ".nii"
+        images = [str(files.get(ch, root / name / f"{name}_{ch}{ext}")) for ch in BRATS_CHANNELS]
+        if "seg" in files or any_seg:
+            training.append(Case(name, images, str(files.get("seg", root / name / f"{name}_seg{ext}"))))
+        else:
+            test.append(Case(name, images, None))
+    seen = _seen_label_values(training) - {0}
+    enhancing = 3 if 3 in seen and 4 not in seen else 4
+    ids = sorted(seen | {1, 2, enhancing})
+    labels = {0: "background", **{i: _BRATS_NAMES.get(i, f"label_{i}") for i in ids}}
+    regions = {"whole_tumour": ids, "tumour_core": [i for i in ids if i != 2], "enhancing": [enhancing]}
+    return DatasetInfo(root, root.name, "brats", list(BRATS_CHANNELS), labels, regions, training, test)
+
+
+def load_dataset(root: Path) -> DatasetInfo:
+    """Recognise the layout of ``root`` and list its cases (files are not read here,
+    except label values for folders without ``dataset.json``).
+
+    Raises :class:`UserError` if ``root`` is missing or holds no recognisable data set.
+    """
+    root = Path(root)
+    if root.is_file() and root.name == "dataset.json":
+        root = root.parent
+    if not root.exists():
+        raise UserError(f"{root}: folder not found; give the data set folder "
+                        "(with dataset.json and imagesTr/, or BraTS case folders)")
+    if not root.is_dir():
+        raise UserError(f"{root}: is a file, not a data set folder; give the folder holding imagesTr/ "
+                        "or the BraTS case folders")
+    root = root.absolute()
+    if (root / "dataset.json").is_file():
+        return _load_msd(root, root / "dataset.json")
+    if (root / "imagesTr").is_dir():
+        problems: list[str] = []
+        training = _discover(root, "imagesTr", "labelsTr", problems, labels_required=True)
+        test = _discover(root, "imagesTs", "labelsTs", problems, labels_required=False)
+        seen = _seen_label_values(training + test) | {0}
+        labels = {v: ("background" if v == 0 else f"label_{v}") for v in sorted(seen)}
+        return DatasetInfo(root, root.name, "msd-nojson", _infer_channel_names(training + test), labels,
+                           None, training, test, problems)
+    found = _brats_cases(root)
+    if found:
+        return _load_brats(root, found)
+    raise UserError(f"{root}: not a recognisable data set: no dataset.json, no imagesTr/ folder and no "
+                    "BraTS case folders (CASE/CASE_t1.nii.gz ... CASE_seg.nii.gz); point to the data set folder")
+
+
+# --------------------------------------------------------------------------- check
+def _check_case(info: DatasetInfo, case: Case, split: str) -> tuple[dict, list[str]]:
+    """Read a case's files once; return its table row and its problems."""
+    problems: list[str] = []
+    missing = ("listed in dataset.json but not found; fix the entry or restore the file"
+               if info.layout == "msd" else "file not found; add it or remove the case")
+    shape = affine = None
+    channels = 0
+    ref_path = None
+    for path in case.images:
+        if not os.path.exists(path):
+            problems.append(f"{path}: {missing}")
+            continue
+        try:
+            data, aff = load_image(path)          # (C, X, Y, Z) float32
+        except ScanError as exc:
+            problems.append(str(exc))
+            continue
+        n_bad = int(data.size - np.count_nonzero(np.isfinite(data)))
+        if n_bad:
+            problems.append(f"{path}: {n_bad} voxel(s) are NaN or infinite; re-export the scan or "
+                            "replace them (e.g. with 0)")
+        if shape is None:
+            shape, affine, ref_path = tuple(data.shape[1:]), aff, path
+        elif tuple(data.shape[1:]) != shape:
+            problems.append(f"{path}: shape {tuple(data.shape[1:])} differs from {Path(ref_path).name} "
+                            f"{shape}; resample the channels of case {case.name} to one grid")
+        elif not np.allclose(aff, affine, atol=1e-3):
+            problems.append(f"{path}: affine differs from {Path(ref_path).name}; register the channels of "
+                            f"case {case.name} to one grid")
+        channels += int(data.shape[0])
+        del data
+    values = None
+    if case.label is None:
+        if split == "training":
+            problems.append(f"{case.images[0]}: case {case.name} has no label file; add it to the labels "
+                            "folder or move the case to imagesTs/")
+    elif not os.path.exists(case.label):
+        fix = "fix the dataset.json entry" if info.layout == "msd" else "move the case to imagesTs/"
+        problems.append(f"{case.label}: label file missing for case {case.name}; add it or {fix}")
+    else:
+        try:
+            values, lshape, laff = _label_summary(case.label)
+        except ScanError as exc:
+            problems.append(str(exc))
+        else:
+            if shape is not None and lshape != shape:
+                problems.append(f"{case.label}: shape {lshape} differs from image {Path(ref_path).name} "
+                                f"{shape}; resample the label onto the image grid (nearest neighbour)")
+            elif affine is not None and not np.allclose(laff, affine, atol=1e-3):
+                diff = float(np.abs(laff - affine).max())
+                problems.append(f"{case.label}: affine differs from image {Path(ref_path).name} (max "
+                                f"difference {diff:.3g}); copy the image's affine into the label or resample it")
+            extra = sorted(set(values) - set(info.labels))
+            if extra:
+                problems.append(f"{case.label}: label value(s) {extra} not in the declared labels "
+                                f"{sorted(info.labels)}; fix the label map or declare them in dataset.json 'labels'")
+    spacing = None if affine is None else [round(float(s), 4) for s in np.linalg.norm(affine[:3, :3], axis=0)]
+    row = {"case": case.name, "split": split, "channels": channels or None,
+           "shape": list(shape) if shape else None, "spacing": spacing, "labels": values,
+           "status": "ok" if not problems else f"{len(problems)} problem(s)"}
+    return row, problems
+
+
+def check_dataset(info: DatasetInfo) -> tuple[list[dict], list[str]]:
+    """Validate every case; returns (one table row per case, every problem as one line
+    ``FILE: problem; fix``)."""
+    rows: list[dict] = []
+    problems: list[str] = list(info.problems)
+    if not info.training:
+        problems.append(f"{info.root}: no training cases found; put images in imagesTr/ and labels in labelsTr/")
+    firsts: dict[str, str] = {}
+    for split, cases in (("training", info.training), ("test", info.test)):
+        for case in cases:
+            row, case_problems = _check_case(info, case, split)
+            rows.append(row)
+            problems.extend(case_problems)
+            firsts[case.name] = case.images[0]
+    # Channel count: declared by dataset.json, else the most common one.
+    counts = Counter(r["channels"] for r in rows if r["channels"])
+    expected = len(info.channel_names) if info.layout == "msd" else (counts.most_common(1)[0][0] if counts else None)
+    for row in rows:
+        if row["channels"] and expected and row["channels"] != expected:
+            problems.append(f"{firsts[row['case']]}: case {row['case']} has {row['channels']} channel(s), expected "
+                            f"{expected} ({', '.join(info.channel_names)}); give every case the same channels")
+            row["status"] = "channel count" if row["status"] == "ok" else row["status"] + ", channel count"
+    return rows, problems
+
+
+# --------------------------------------------------------------------------- split
+def split_cases(names: list[str], seed: int, val_fraction: float, folds: int | None = None,
+                fold: int = 0) -> tuple[list[str], list[str]]:
+    """(training, validation) case names, both sorted; by case, never by slice.
+
+    Deterministic for a seed and independent of the input order. With ``folds``, the
+    shuffled cases are cut into ``folds`` near-equal parts and part ``fold`` validates.
+    """
+    unique = sorted(set(names))
+    order = [unique[i] for i in np.random.default_rng(seed).permutation(len(unique))]
+    if folds is not None:
+        if folds < 2 or folds > len(unique):
+            raise UserError(f"--folds {folds}: need 2 <= folds <= number of labelled cases ({len(unique)})")
+        if not 0 <= fold < folds:
+            raise UserError(f"fold {fold}: must be in 0..{folds - 1}")
+        val = set(np.array_split(np.array(order, dtype=object), folds)[fold].tolist())
+    else:
+        if not 0.0 <= val_fraction < 1.0:
+            raise UserError(f"--val-fraction {val_fraction}: must be in [0, 1)")
+        n_val = int(round(len(unique) * val_fraction))
+        if val_fraction > 0 and len(unique) >= 2:
+            n_val = min(max(n_val, 1), len(unique) - 1)
+        val = set(order[:n_val])
+    return [n for n in unique if n not in val], [n for n in unique if n in val]
+
+
+def _fingerprint(cases: list[Case]) -> str:
+    h = hashlib.sha256()
+    for case in sorted(cases, key=lambda c: c.name):
+        sizes = [os.path.getsize(p) if os.path.exists(p) else -1 for p in case.images + [case.label or ""]
+                 if p]
+        h.update(f"{case.name}\t{','.join(map(str, sizes))}\n".encode())
+    return h.hexdigest()
+
+
+def make_datalist(info: DatasetInfo, seed: int = 0, val_fraction: float = 0.2, folds: int | None = None,
+                  fold: int = 0) -> dict:
+    """The data list training reads: cases with absolute paths, split by case."""
+    labelled = [c for c in info.training if c.label]
+    train_names, val_names = split_cases([c.name for c in labelled], seed, val_fraction, folds, fold)
+    by_name = {c.name: c for c in labelled}
+
+    def entry(c: Case) -> dict:
+        return {"case": c.name, "image": list(c.images), "label": c.label}
+
+    return {
+        "root": str(info.root),
+        "name": info.name,
+        "layout": info.layout,
+        "channel_names": list(info.channel_names),
+        "labels": {str(k): v for k, v in sorted(info.labels.items())},
+        "regions": info.regions,
+        "split": {"seed": seed, "val_fraction": val_fraction, "folds": folds, "fold": fold},
+        "training": [entry(by_name[n]) for n in train_names],
+        "validation": [entry(by_name[n]) for n in val_names],
+        "test": [entry(c) for c in sorted(info.test, key=lambda c: c.name)],
+        "fingerprint": _fingerprint(info.training + info.test),
+    }
+
+
+# ----------------------------------------------------------------------------- CLI
+def _fmt(value: object) -> str:
+    if value is None:
+        return "-"
+    if isinstance(value, list):
+        return "x".join(f"{v:g}" if isinstance(v, float) else str(v) for v in value) if value else "-"
+    return str(value)
+
+
+def _table(rows: list[dict]) -> str:
+    cols = [("case", "case"), ("split", "split"), ("channels", "ch"), ("shape", "shape"),
+            ("spacing", "spacing (mm)"), ("labels", "labels"), ("status", "status")]
+    cells = [[h for _, h in cols]] + [[_fmt(r[k]) if k != "labels" else
+                                       (",".join(map(str, r[k])) if r[k] is not None else "-")
+                                       for k, _ in cols] for r in rows]
+    widths = [max(len(row[i]) for row in cells) for i in range(len(cols))]
+    return "\n".join("  ".join(c.ljust(w) for c, w in zip(row, widths)).rstrip() for row in cells)
+
+
+def run_check(root: Path, as_json: bool, datalist: Path | None, seed: int, val_fraction: float,
+              folds: int | None) -> int:
+    """``segan prepare check``: print the case table (or JSON) and every problem;
+    write the data list if asked and the data set is clean. Returns 0, or 2 on problems."""
+    from segan.io_utils import atomic_write_text
+
+    info = load_dataset(root)
+    rows, problems = check_dataset(info)
+    listing = make_datalist(info, seed, val_fraction, folds) if datalist and not problems else None
+    labels = ", ".join(f"{k} {v}" for k, v in sorted(info.labels.items()))
+    if as_json:
+        report = {"root": str(info.root), "name": info.name, "layout": info.layout,
+                  "channel_names": info.channel_names, "labels": {str(k): v for k, v in sorted(info.labels.items())},
+                  "regions": info.regions, "cases": rows, "problems": problems, "ok": not problems}
+        print(json.dumps(report, indent=2))
+    else:
+        print(f"{info.root}: layout {info.layout}, {len(info.training)} training + {len(info.test)} test cases; "
+              f"channels {', '.join(info.channel_names)}; labels {labels}")
+        if rows:
+            print(_table(rows))
+        if problems:
+            print(f"\n{len(problems)} problem(s):")
+            for line in problems:
+                print(f"  {line}")
+        else:
+            print("\nno problems found")
+    if listing is not None:
+        atomic_write_text(datalist, json.dumps(listing, indent=2) + "\n")
+        msg = (f"data list written to {datalist}: {len(listing['training'])} training, "
+               f"{len(listing['validation'])} validation, {len(listing['test'])} test cases")
+        print(msg, file=sys.stderr if as_json else sys.stdout)
+    if problems:
+        tail = "; data list not written" if datalist else ""
+        print(f"error: {len(problems)} problem(s) in {info.root}{tail}; fix them and run the check again",
+              file=sys.stderr)
+        return 2
+    return 0

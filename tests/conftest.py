@@ -1,0 +1,39 @@
+"""Shared test helpers: the CLI as a real subprocess, and a small phantom data set."""
+
+from __future__ import annotations
+
+import os
+import subprocess
+import sys
+from pathlib import Path
+
+import pytest
+
+REPO = Path(__file__).resolve().parents[1]
+
+
+def run_cli(*args: object, cwd: str | Path | None = None, env: dict[str, str] | None = None,
+            timeout: float = 300) -> subprocess.CompletedProcess:
+    """Run ``python -m segan ARGS`` in a subprocess; text stdout/stderr captured.
+
+    ``env`` entries are added to the current environment; the repository is put on
+    ``PYTHONPATH`` so the package imports even from another working directory.
+    """
+    full_env = dict(os.environ)
+    full_env["PYTHONPATH"] = os.pathsep.join(p for p in (str(REPO), full_env.get("PYTHONPATH")) if p)
+    full_env.update(env or {})
+    return subprocess.run([sys.executable, "-m", "segan", *map(str, args)], capture_output=True, text=True,
+                          cwd=str(cwd) if cwd else None, env=full_env, timeout=timeout)
+
+
+@pytest.fixture(scope="session")
+def phantoms_small(tmp_path_factory: pytest.TempPathFactory) -> Path:
+    """A 6-case, 48^3, seed-0 phantom set in MSD layout (4 training, 2 test cases).
+
+    Shared by the whole session: treat it as read-only (copy it to change it).
+    """
+    from data_prep.phantoms import generate
+
+    root = tmp_path_factory.mktemp("phantoms_small")
+    generate(root, cases=6, size=48, seed=0, test_fraction=0.25)
+    return root

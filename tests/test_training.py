@@ -1,0 +1,133 @@
+"""The training engine: every method trains in 2D and 3D, resume is exact, guards hold."""
+
+import os
+import signal
+import subprocess
+import sys
+import time
+from pathlib import Path
+
+import pytest
+import torch
+
+from segan.config import load_config
+from segan.errors import UserError
+from segan.methods import METHODS
+from segan.runtime import DistContext
+from segan.training import Trainer, adversarial_weight, run_training
+
+ROOT = Path(__file__).resolve().parents[1]
+SMOKE = ROOT / "configs" / "smoke.yaml"
+
+
+@pytest.fixture(scope="module")
+def phantoms(tmp_path_factory):
+    from data_prep.phantoms import generate
+
+    out = tmp_path_factory.mktemp("ph") / "phantoms"
+    generate(out, cases=6, size=40, seed=3, test_fraction=0.34)
+    return out
+
+
+def _cfg(phantoms, tmp_path, *extra):
+    return load_config(SMOKE, [f"data.root={phantoms}", f"preprocess.cache_dir={tmp_path / 'cache'}",
+                               "tracking.enabled=false", *extra])
+
+
+def _params(module):
+    return [p.detach().clone() for p in module.parameters()]
+
+
+@pytest.mark.parametrize("dims", [2, 3])
+@pytest.mark.parametrize("method", sorted(METHODS))
+def test_every_method_trains_a_few_steps(phantoms, tmp_path, method, dims):
+    patch = "[32, 32]" if dims == 2 else "[24, 24, 24]"
+    extra = ["model.critic=patchgan", "model.critic_norm=instance"] if method not in ("segan", "supervised") else []
+    cfg = _cfg(phantoms, tmp_path, f"method.name={method}", f"data.spatial_dims={dims}", f"data.patch_size={patch}",
+               "train.epochs=1", "train.steps_per_epoch=3", "train.batch_size=2", "method.adv_warmup_epochs=0",
+               "train.val_max_cases=1", *extra)
+    trainer = Trainer(cfg, tmp_path / "run", DistContext())
+    seg_before = _params(trainer.segmentor)
+    critic_before = _params(trainer.critic) if trainer.critic is not None else None
+    assert trainer.fit(None) == "epochs"
+    record = trainer.history[-1]
+    for name in ("loss_seg", "loss_adv", "loss_critic", "val_dice_mean"):
+        assert torch.isfinite(torch.tensor(record[name])), (name, record)
+    assert any(not torch.equal(a, b) for a, b in zip(seg_before, _params(trainer.segmentor)))
+    if critic_before is not None:
+        assert record["loss_adv"] != 0.0
+        assert any(not torch.equal(a, b) for a, b in zip(critic_before, _params(trainer.critic)))
+    assert (tmp_path / "run" / "last.pt").is_file() and (tmp_path / "run" / "best.pt").is_file()
+    assert set(k for k in record if k.startswith("val_dice_")) == {
+        "val_dice_mean", "val_dice_whole_tumour", "val_dice_tumour_core", "val_dice_enhancing"}
+
+
+def test_segan_critic_weights_clamped(phantoms, tmp_path):
+    cfg = _cfg(phantoms, tmp_path, "train.epochs=1", "train.steps_per_epoch=2", "method.clamp=0.01")
+    trainer = Trainer(cfg, tmp_path / "run", DistContext())
+    trainer.fit(None)
+    assert max(p.abs().max().item() for p in trainer.critic.parameters()) <= 0.01 + 1e-7
+
+
+def test_adversarial_weight_warmup_and_ramp(phantoms, tmp_path):
+    cfg = _cfg(phantoms, tmp_path, "method.w_adv=0.2", "method.adv_warmup_epochs=2", "method.adv_ramp_epochs=4")
+    assert [adversarial_weight(cfg, e) for e in (0, 1.9, 2, 4, 6, 9)] == pytest.approx([0, 0, 0, 0.1, 0.2, 0.2])
+
+
+def _train_cli(*args, env=None):
+    return subprocess.Popen([sys.executable, "-m", "segan", "train", "-c", str(SMOKE), *args],
+                            stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True, env=env)
+
+
+def test_resume_after_sigkill_matches_uninterrupted_run(phantoms, tmp_path):
+    common = [f"--set=data.root={phantoms}", f"--set=preprocess.cache_dir={tmp_path / 'cache'}",
+              "--set=tracking.enabled=false", "--set=train.deterministic=true", "--set=train.epochs=2",
+              "--set=train.steps_per_epoch=12", "--set=train.threads=1"]
+    full = _train_cli(*common, "--out", str(tmp_path / "full"))
+    out, err = full.communicate(timeout=300)
+    assert full.returncode == 0, err
+
+    killed = _train_cli(*common, "--out", str(tmp_path / "killed"))
+    ckpt = tmp_path / "killed" / "last.pt"
+    deadline = time.monotonic() + 240
+    while not ckpt.exists() and killed.poll() is None and time.monotonic() < deadline:
+        time.sleep(0.02)
+    killed.send_signal(signal.SIGKILL)
+    killed.wait()
+    assert killed.returncode == -signal.SIGKILL, "the run ended before it could be killed"
+    state = torch.load(ckpt, weights_only=True)
+    assert state["epoch"] == 1, "kill landed after epoch 2's checkpoint; the test needs a slower epoch 2"
+
+    resumed = _train_cli(*common, "--resume", str(ckpt))
+    out, err = resumed.communicate(timeout=300)
+    assert resumed.returncode == 0, err
+    a = torch.load(tmp_path / "full" / "last.pt", weights_only=True)
+    b = torch.load(ckpt, weights_only=True)
+    assert a["epoch"] == b["epoch"] == 2 and a["step"] == b["step"]
+    for key in ("segmentor", "critic"):
+        for name, tensor in a[key].items():
+            assert torch.equal(tensor, b[key][name]), f"{key}.{name} differs after resume"
+
+
+def test_time_budget_validates_saves_and_ends_normally(phantoms, tmp_path):
+    cfg = _cfg(phantoms, tmp_path, "train.epochs=50", "train.max_minutes=0.0001", "train.steps_per_epoch=4")
+    result = run_training(cfg, out_dir=tmp_path / "run")
+    assert result.exit_code == 0 and result.status == "FINISHED"
+    assert result.epochs_done == 1 and "time budget" in result.message
+    assert "val_dice_mean" in result.metrics and (tmp_path / "run" / "best.pt").is_file()
+    assert (tmp_path / "run" / "config.yaml").is_file()
+
+
+def test_nan_guard_exits_3_keeping_last_good_checkpoint(phantoms, tmp_path):
+    proc = _train_cli(f"--set=data.root={phantoms}", f"--set=preprocess.cache_dir={tmp_path / 'cache'}",
+                      "--set=tracking.enabled=false", "--set=optim.lr=1e30", "--set=optim.critic_lr=1e30",
+                      "--set=method.adv_warmup_epochs=0", "--set=train.epochs=3", "--out", str(tmp_path / "run"))
+    out, err = proc.communicate(timeout=300)
+    assert proc.returncode == 3, (out, err)
+    assert "training diverged" in out + err and "Traceback" not in err
+
+
+def test_missing_data_folder_is_a_user_error(tmp_path):
+    cfg = load_config(SMOKE, [f"data.root={tmp_path / 'nope'}", "tracking.enabled=false"])
+    with pytest.raises(UserError, match="nope"):
+        run_training(cfg, out_dir=tmp_path / "run")

@@ -1,0 +1,405 @@
+"""MLflow tracking against real stores: SQLite in tmp_path and a real ``mlflow server`` on loopback.
+
+What a run holds is read back by a separate Python process (``mlflow.search_runs``,
+``MlflowClient.get_metric_history``), the served model goes through ``mlflow.pyfunc``,
+and the server is killed and restarted mid-run to show that no metric is lost.
+"""
+
+from __future__ import annotations
+
+import json
+import os
+import shutil
+import signal
+import socket
+import subprocess
+import sys
+import time
+import urllib.request
+from pathlib import Path
+
+import numpy as np
+import pytest
+import torch
+
+from segan import tracking
+from segan.checkpoint import make_meta, save_checkpoint
+from segan.config import Config, to_dict
+from segan.errors import UserError
+from segan.nets import build_segmentor
+
+REGIONS = ["whole", "core"]
+CHANNELS = ["t1", "flair"]
+
+# Runs in a fresh interpreter: prints every run of an experiment as JSON.
+READER = r"""
+import json, sys
+import mlflow
+from mlflow import MlflowClient
+
+uri, experiment = sys.argv[1], sys.argv[2]
+mlflow.set_tracking_uri(uri)
+client = MlflowClient(uri)
+
+def files(run_id, path=None):
+    out = []
+    for f in client.list_artifacts(run_id, path):
+        out += files(run_id, f.path) if f.is_dir else [f.path]
+    return out
+
+runs = []
+for run in mlflow.search_runs(experiment_names=[experiment], output_format="list"):
+    rid = run.info.run_id
+    runs.append({
+        "run_id": rid, "run_name": run.info.run_name, "status": run.info.status,
+        "artifact_uri": run.info.artifact_uri, "tags": run.data.tags, "params": run.data.params,
+        "metrics": {k: [[m.step, m.value] for m in sorted(client.get_metric_history(rid, k), key=lambda m: m.step)]
+                    for k in run.data.metrics},
+        "artifacts": sorted(files(rid)),
+        "models": [m.model_id for m in (run.outputs.model_outputs if run.outputs else [])],
+    })
+print(json.dumps(runs))
+"""
+
+
+@pytest.fixture(scope="module")
+def db_template(tmp_path_factory) -> Path:
+    """An empty SQLite MLflow store, created once: creating one runs ~5 s of schema migrations."""
+    path = tmp_path_factory.mktemp("template") / "mlflow.db"
+    tracking.MlflowClient(f"sqlite:///{path}").search_experiments()
+    return path
+
+
+@pytest.fixture
+def new_store(db_template):
+    """``new_store(folder)`` -> the URI of a fresh SQLite store in ``folder`` (a copy of the template)."""
+    def make(folder: Path, name: str = "mlflow.db") -> str:
+        folder.mkdir(parents=True, exist_ok=True)
+        shutil.copyfile(db_template, folder / name)
+        return f"sqlite:///{folder / name}"
+    return make
+
+
+def read_runs(uri: str, experiment: str) -> list[dict]:
+    env = {k: v for k, v in os.environ.items() if k != "MLFLOW_TRACKING_URI"}
+    proc = subprocess.run([sys.executable, "-c", READER, uri, experiment], capture_output=True, text=True,
+                          env=env, timeout=120)
+    assert proc.returncode == 0, proc.stderr
+    return json.loads(proc.stdout.strip().splitlines()[-1])
+
+
+def tiny_config() -> Config:
+    cfg = Config()
+    cfg.experiment = "tracking-test"
+    cfg.model.channels, cfg.model.strides, cfg.model.num_res_units = [8, 16], [2], 1
+    cfg.data.patch_size = [32, 32]
+    return cfg
+
+
+def make_checkpoint(path: Path) -> torch.nn.Module:
+    """A real segan checkpoint of a tiny 2D U-Net (2 channels in, 2 regions out)."""
+    cfg = tiny_config()
+    torch.manual_seed(0)
+    net = build_segmentor(cfg.model, 2, len(CHANNELS), len(REGIONS)).eval()
+    meta = make_meta(channels=CHANNELS, region_names=REGIONS, region_labels=[[1, 2], [2]],
+                     label_names={0: "background", 1: "edema", 2: "tumour"}, spatial_dims=2, patch_size=[32, 32],
+                     preprocess=to_dict(cfg.preprocess), dataset="phantoms")
+    save_checkpoint({"config": to_dict(cfg), "meta": meta, "segmentor": net.state_dict(),
+                     "opt_seg": {"state": {}, "param_groups": []}, "epoch": 3}, path)
+    return net
+
+
+def slice_arrays(shift: int = 3) -> tuple[np.ndarray, np.ndarray, np.ndarray]:
+    image = np.random.default_rng(0).normal(size=(2, 40, 40)).astype(np.float32)
+    target = np.zeros((2, 40, 40), np.uint8)
+    target[0, 8:30, 10:28] = 1
+    target[1, 14:22, 15:22] = 1
+    return image, target, np.roll(target, shift, axis=1)
+
+
+def start(uri: str, name: str = "r", experiment: str = "tracking-test", **kwargs) -> tracking.RunTracker:
+    return tracking.RunTracker.start(to_dict(tiny_config()), tracking_uri=uri, experiment=experiment,
+                                     run_name=name, tags={"method": "segan", "spatial_dims": "2",
+                                                          "dataset": "phantoms"}, **kwargs)
+
+
+def n_warnings(caplog: pytest.LogCaptureFixture, text: str) -> int:
+    return sum(text in r.getMessage() for r in caplog.records if r.name == "segan.tracking")
+
+
+# ----------------------------------------------------------------------------- local store
+def test_tracking_uri_precedence_and_default_store(tmp_path, monkeypatch, new_store):
+    monkeypatch.chdir(tmp_path)
+    monkeypatch.delenv("MLFLOW_TRACKING_URI", raising=False)
+    assert tracking.resolve_tracking_uri(None) == f"sqlite:///{tmp_path}/mlflow_runs/mlflow.db"
+    monkeypatch.setenv("MLFLOW_TRACKING_URI", "sqlite:///from_env.db")
+    assert tracking.resolve_tracking_uri(None) == "sqlite:///from_env.db"
+    assert tracking.resolve_tracking_uri("http://127.0.0.1:5000") == "http://127.0.0.1:5000"
+    with pytest.raises(UserError, match="folder store"):
+        tracking.resolve_tracking_uri("./mlruns")
+
+    monkeypatch.delenv("MLFLOW_TRACKING_URI")
+    new_store(tmp_path / "mlflow_runs")
+    tr = start(None, name="default-store")
+    tr.log_metrics({"loss_seg": 0.5}, step=0)
+    tr.finish("FINISHED")
+    assert (tmp_path / "mlflow_runs" / "mlflow.db").is_file()
+    run = tracking.MlflowClient(tracking.default_tracking_uri()).get_run(tr.run_id)
+    assert run.info.artifact_uri.startswith((tmp_path / "mlflow_runs" / "artifacts" / "tracking-test").as_uri())
+    assert not (tmp_path / "mlruns").exists()
+
+
+@pytest.fixture(scope="module")
+def sqlite_run(tmp_path_factory, db_template) -> dict:
+    """One complete run (params, metrics, images, config artifact, registered model) in SQLite."""
+    root = tmp_path_factory.mktemp("sqlite_store")
+    shutil.copyfile(db_template, root / "mlflow.db")
+    uri = f"sqlite:///{root}/mlflow.db"
+    out = root / "outputs"
+    out.mkdir()
+    net = make_checkpoint(out / "best.pt")
+    (out / "config.yaml").write_text("seed: 0\n")
+    tr = start(uri, name="segan-full")
+    tr.log_params({"data.fingerprint": "abc123"})
+    history = []
+    for epoch in range(3):
+        record = {"loss_seg": 1.0 / (epoch + 1), "loss_adv": 0.7, "loss_critic": 0.2 * epoch,
+                  "val_dice_mean": 0.5 + 0.1 * epoch, "val_dice_whole": 0.6 + 0.1 * epoch, "lr": 1e-3}
+        tr.log_metrics(record, step=epoch)
+        history.append({"epoch": epoch, **record})
+    tr.log_metrics({"val_hd95_whole": 4.5}, step=2)
+    tr.log_artifact(out / "config.yaml")
+    tr.log_overlay(*slice_arrays(), REGIONS, epoch=2)
+    tr.log_curves(history)
+    tr.log_model(out / "best.pt", register="tiny-segmentor")
+    tr.finish("FINISHED")
+    return {"uri": uri, "root": root, "run_id": tr.run_id, "model_uri": tr.model_uri, "net": net}
+
+
+def test_run_holds_params_metrics_artifacts_and_model(sqlite_run):
+    (run,) = read_runs(sqlite_run["uri"], "tracking-test")
+    assert run["run_id"] == sqlite_run["run_id"] and run["run_name"] == "segan-full"
+    assert run["status"] == "FINISHED"
+    assert {k: run["tags"][k] for k in ("method", "spatial_dims", "dataset")} == {
+        "method": "segan", "spatial_dims": "2", "dataset": "phantoms"}
+    params = run["params"]
+    assert params["model.channels"] == "[8, 16]" and params["method.name"] == "segan"
+    assert params["data.fingerprint"] == "abc123"
+    assert params["version.torch"] == torch.__version__ and "version.mlflow" in params
+    assert len(params.get("git_commit", "0" * 40)) == 40
+    assert run["metrics"]["val_dice_mean"] == [[0, 0.5], [1, 0.6], [2, pytest.approx(0.7)]]
+    assert [s for s, _ in run["metrics"]["loss_seg"]] == [0, 1, 2]
+    assert run["metrics"]["val_hd95_whole"] == [[2, 4.5]]
+    assert run["artifacts"] == ["config.yaml", "curves.png", "overlays/epoch_002.png"]
+    assert run["artifact_uri"].startswith((Path(sqlite_run["root"]) / "artifacts").as_uri())
+    assert run["models"] and sqlite_run["model_uri"] == f"models:/{run['models'][0]}"
+    png = Path(run["artifact_uri"].removeprefix("file://")) / "overlays" / "epoch_002.png"
+    assert png.read_bytes()[:8] == b"\x89PNG\r\n\x1a\n"
+
+
+def test_pyfunc_round_trip_returns_masks(sqlite_run, monkeypatch):
+    import mlflow
+
+    monkeypatch.setenv("MLFLOW_TRACKING_URI", sqlite_run["uri"])
+    x = np.random.default_rng(1).normal(size=(3, len(CHANNELS), 40, 36)).astype(np.float32)
+    with torch.no_grad():
+        expected = (torch.sigmoid(sqlite_run["net"](torch.from_numpy(x))) > 0.5).numpy().astype(np.uint8)
+    for uri in ("models:/tiny-segmentor/1", f"runs:/{sqlite_run['run_id']}/model", sqlite_run["model_uri"]):
+        model = mlflow.pyfunc.load_model(uri)
+        masks = model.predict(x)
+        assert masks.shape == (3, len(REGIONS), 40, 36) and masks.dtype == np.uint8
+        np.testing.assert_array_equal(masks, expected)
+    schema = model.metadata.get_input_schema().inputs[0]
+    assert schema.shape == (-1, len(CHANNELS), -1, -1) and schema.type == np.dtype(np.float32)
+    with pytest.raises(Exception, match="shape"):
+        model.predict(x[0])  # no batch axis
+
+
+def test_download_checkpoint_gives_slim_loadable_file(sqlite_run, tmp_path):
+    from segan.checkpoint import load_checkpoint
+
+    path = tracking.download_checkpoint("models:/tiny-segmentor/1", sqlite_run["uri"], tmp_path)
+    ckpt = load_checkpoint(path)
+    assert set(ckpt) == {"format", "config", "meta", "segmentor"}  # no optimizer state in the model
+    assert ckpt["meta"]["region_names"] == REGIONS
+    with pytest.raises(UserError, match="not found"):
+        tracking.download_checkpoint("models:/no-such-model/1", sqlite_run["uri"], tmp_path / "x")
+
+
+def test_resume_continues_the_same_run(tmp_path, caplog, new_store):
+    uri = new_store(tmp_path)
+    first = start(uri, name="resumable")
+    first.log_metrics({"val_dice_mean": 0.4}, step=0)
+    first.finish("KILLED")
+    cfg = to_dict(tiny_config())
+    cfg["train"]["epochs"] = 99
+    again = tracking.RunTracker.start(cfg, tracking_uri=uri, experiment="tracking-test", run_name="resumable",
+                                      resume_run_id=first.run_id)
+    assert again.run_id == first.run_id
+    assert tracking.MlflowClient(uri).get_run(first.run_id).info.status == "RUNNING"
+    again.log_metrics({"val_dice_mean": 0.6}, step=1)
+    again.finish("FINISHED")
+    run = tracking.MlflowClient(uri).get_run(first.run_id)
+    assert run.info.status == "FINISHED" and run.data.params["train.epochs"] == "40"
+    history = tracking.MlflowClient(uri).get_metric_history(first.run_id, "val_dice_mean")
+    assert sorted((m.step, m.value) for m in history) == [(0, 0.4), (1, 0.6)]
+    assert n_warnings(caplog, "train.epochs changed") == 1
+
+
+def test_make_tracker_is_null_when_disabled_or_not_rank_zero(tmp_path, new_store):
+    cfg = tiny_config()
+    cfg.tracking.uri = f"sqlite:///{tmp_path}/never.db"
+    assert isinstance(tracking.make_tracker(cfg, rank=1), tracking.NullTracker)
+    cfg.tracking.enabled = False
+    null = tracking.make_tracker(cfg, rank=0)
+    assert isinstance(null, tracking.NullTracker) and null.run_id is None
+    null.log_metrics({"a": 1.0}, step=0)
+    null.log_overlay(*slice_arrays(), REGIONS, epoch=0)
+    null.finish("FINISHED")
+    assert not (tmp_path / "never.db").exists()
+    cfg.tracking.enabled, cfg.tracking.uri = True, new_store(tmp_path, "used.db")
+    tr = tracking.make_tracker(cfg, rank=0, experiment="named", tags={"dataset": "brats"})
+    tr.finish("FINISHED")
+    run = tracking.MlflowClient(cfg.tracking.uri).get_run(tr.run_id)
+    assert run.data.tags["dataset"] == "brats" and run.data.tags["method"] == "segan"
+    assert run.info.run_name.startswith("segan-")
+
+
+# ------------------------------------------------------------------------- a real server
+def _free_port() -> int:
+    with socket.socket() as s:
+        s.bind(("127.0.0.1", 0))
+        return s.getsockname()[1]
+
+
+class MlflowServer:
+    """``mlflow server`` on 127.0.0.1 (one worker, no job runner) that a test can kill and restart."""
+
+    def __init__(self, root: Path) -> None:
+        self.root, self.port, self.proc = root, _free_port(), None
+        self.uri = f"http://127.0.0.1:{self.port}"
+
+    def start(self, timeout: float = 90) -> None:
+        env = {k: v for k, v in os.environ.items() if k != "MLFLOW_TRACKING_URI"}
+        env["MLFLOW_SERVER_ENABLE_JOB_EXECUTION"] = "false"
+        log = open(self.root / "server.log", "ab")
+        self.proc = subprocess.Popen(
+            [sys.executable, "-m", "mlflow", "server", "--host", "127.0.0.1", "--port", str(self.port),
+             "--workers", "1", "--backend-store-uri", f"sqlite:///{self.root}/server.db",
+             "--artifacts-destination", str(self.root / "artifacts")],
+            env=env, stdout=log, stderr=subprocess.STDOUT, start_new_session=True)
+        deadline = time.monotonic() + timeout
+        while time.monotonic() < deadline:
+            assert self.proc.poll() is None, (self.root / "server.log").read_text()[-2000:]
+            try:
+                urllib.request.urlopen(f"{self.uri}/health", timeout=1)
+                return
+            except OSError:
+                time.sleep(0.2)
+        raise AssertionError("mlflow server did not start: " + (self.root / "server.log").read_text()[-2000:])
+
+    def kill(self) -> None:
+        if self.proc is not None and self.proc.poll() is None:
+            os.killpg(self.proc.pid, signal.SIGKILL)  # the whole group: the CLI and its uvicorn child
+            self.proc.wait()
+        self.proc = None
+
+    @property
+    def up(self) -> bool:
+        return self.proc is not None
+
+
+@pytest.fixture(scope="module")
+def server(tmp_path_factory, db_template):
+    srv = MlflowServer(tmp_path_factory.mktemp("mlflow_server"))
+    shutil.copyfile(db_template, srv.root / "server.db")
+    yield srv
+    srv.kill()
+
+
+def test_server_down_at_start_then_up_loses_nothing(server, tmp_path, caplog):
+    server.kill()
+    t0 = time.monotonic()
+    tr = start(server.uri, name="down-at-start", experiment="server-test")
+    tr.retry_interval = 0.0
+    assert tr.run_id is None and time.monotonic() - t0 < 5
+    tr.log_metrics({"loss_seg": 1.0, "val_dice_mean": 0.1}, step=0)
+    tr.log_overlay(*slice_arrays(), REGIONS, epoch=0)
+    assert n_warnings(caplog, "is not answering") == 1
+    server.start()
+    tr.log_metrics({"loss_seg": 0.5, "val_dice_mean": 0.2}, step=1)
+    assert tr.run_id is not None and n_warnings(caplog, "answers again") == 1
+    tr.finish("FINISHED")
+    (run,) = read_runs(server.uri, "server-test")
+    assert run["run_id"] == tr.run_id and run["status"] == "FINISHED"
+    assert run["metrics"]["val_dice_mean"] == [[0, 0.1], [1, 0.2]]
+    assert run["params"]["method.name"] == "segan" and run["tags"]["method"] == "segan"
+    assert run["artifacts"] == ["overlays/epoch_000.png"]
+    assert n_warnings(caplog, "is not answering") == 1  # once per outage, not per call
+
+
+def test_server_killed_mid_run_and_restarted_loses_nothing(server, tmp_path, caplog):
+    if not server.up:
+        server.start()
+    (tmp_path / "config.yaml").write_text("seed: 0\n")
+    tr = start(server.uri, name="killed-mid-run", experiment="server-test-2")
+    tr.retry_interval = 0.0  # try the dead server on every call: each try must still be fast
+    expected = {}
+    for epoch in range(8):
+        if epoch == 2:
+            server.kill()
+        if epoch == 5:
+            server.start()
+        t0 = time.monotonic()
+        record = {"loss_seg": 1.0 / (epoch + 1), "val_dice_mean": epoch / 10}
+        tr.log_metrics(record, step=epoch)
+        if epoch == 3:
+            tr.log_artifact(tmp_path / "config.yaml")
+            tr.log_overlay(*slice_arrays(), REGIONS, epoch=epoch)
+        assert time.monotonic() - t0 < 5, "a dead server must cost seconds, not minutes"
+        for k, v in record.items():
+            expected.setdefault(k, []).append([epoch, pytest.approx(v)])
+    tr.finish("FINISHED")
+    assert n_warnings(caplog, "is not answering") == 1 and n_warnings(caplog, "answers again") == 1
+    (run,) = read_runs(server.uri, "server-test-2")
+    assert run["status"] == "FINISHED"
+    assert run["metrics"] == expected
+    assert run["artifacts"] == ["config.yaml", "overlays/epoch_003.png"]
+
+
+def test_store_gone_at_finish_spills_to_json_and_replays(tmp_path, caplog, new_store):
+    dead = f"http://127.0.0.1:{_free_port()}"
+    out = tmp_path / "outputs"
+    out.mkdir()
+    tr = start(dead, name="never-reached", spill_dir=out)
+    tr.finish_timeout = 0.5
+    for epoch in range(3):
+        tr.log_metrics({"loss_seg": 1.0 - epoch / 10, "val_dice_mean": epoch / 10}, step=epoch)
+    tr.log_overlay(*slice_arrays(), REGIONS, epoch=2)
+    tr.finish("FAILED")
+    spill = out / "mlflow_unsent_never-reached.json"
+    data = json.loads(spill.read_text())
+    assert data["status"] == "FAILED" and data["run_id"] is None and len(data["metrics"]) == 6
+    overlay = [op for op in data["ops"] if op["kind"] == "artifact"][0]
+    assert Path(overlay["path"]).is_file() and Path(overlay["path"]).is_relative_to(out)
+    assert n_warnings(caplog, str(spill)) == 1
+
+    uri = new_store(tmp_path, "later.db")
+    run_id = tracking.replay_unsent(spill, tracking_uri=uri)
+    assert not spill.exists()
+    client = tracking.MlflowClient(uri)
+    run = client.get_run(run_id)
+    assert run.info.status == "FAILED" and run.data.params["method.name"] == "segan"
+    history = sorted((m.step, m.value) for m in client.get_metric_history(run_id, "val_dice_mean"))
+    assert history == [(0, 0.0), (1, 0.1), (2, 0.2)]
+    assert [a.path for a in client.list_artifacts(run_id, "overlays")] == ["overlays/epoch_002.png"]
+
+
+def test_overlay_png_draws_both_contours(tmp_path):
+    from skimage import io
+
+    path = tmp_path / "overlay.png"
+    tracking.save_overlay_png(path, *slice_arrays(), REGIONS, title="epoch 1")
+    rgb = io.imread(path)[..., :3].astype(int)
+    coloured = (np.abs(rgb[..., 0] - rgb[..., 1]) > 60) | (np.abs(rgb[..., 1] - rgb[..., 2]) > 60)
+    assert coloured.sum() > 200  # contours are drawn in colour over a grey image

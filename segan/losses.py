@@ -24,16 +24,17 @@ def multiscale_l1(fake: list[torch.Tensor], real: list[torch.Tensor], weighting:
     ``paper``: mean over scales of each scale's mean absolute difference.
     ``reference``: one mean absolute difference over the concatenation of all scales,
     scale i weighted by ``REFERENCE_WEIGHTS[i]`` (as the reference code does).
-    ``feature_norm`` divides each scale's L1 by the mean magnitude of the real features
-    (detached), so no single scale, nor the critic's growing activations, dominates
-    the segmentor's loss.
+    ``feature_norm`` divides each scale's L1 by ``mean|f| + mean|r|`` (detached): a
+    relative L1 in [0, 1] by the triangle inequality, so neither one scale nor the
+    critic's growing activations can swamp the segmentation loss (the literal SegAN
+    L1 grows to ~10x the Dice term within ~100 steps and masks come out too large).
     """
     if weighting == "paper":
         terms = []
         for f, r in zip(fake, real):
             term = (f - r).abs().mean()
             if feature_norm:
-                term = term / (r.detach().abs().mean() + eps)
+                term = term / _scale(f, r, eps)
             terms.append(term)
         return torch.stack(terms).mean()
     total = fake[0].new_zeros(())
@@ -42,10 +43,14 @@ def multiscale_l1(fake: list[torch.Tensor], real: list[torch.Tensor], weighting:
         w = REFERENCE_WEIGHTS[min(i, len(REFERENCE_WEIGHTS) - 1)]
         diff = (f - r).abs().sum()
         if feature_norm:
-            diff = diff / (r.detach().abs().mean() + eps)
+            diff = diff / _scale(f, r, eps)
         total = total + w * diff
         count += f.numel()
     return total / count
+
+
+def _scale(f: torch.Tensor, r: torch.Tensor, eps: float) -> torch.Tensor:
+    return (f.detach().abs().mean() + r.detach().abs().mean() + eps)
 
 
 def _expand(value: float, like: torch.Tensor) -> torch.Tensor:

@@ -78,8 +78,10 @@ def test_multiscale_l1_paper_and_reference_weighting():
     assert multiscale_l1(fake, real, "paper").item() == pytest.approx(2.0)
     # reference: weights 1, 1 over the concatenation: (16*1*1 + 8*3*1) / 24
     assert multiscale_l1(fake, real, "reference").item() == pytest.approx((16 + 24) / 24)
-    # feature normalisation makes each scale relative: |0-1|/1 and |0-3|/3
+    # feature normalisation makes each scale relative, in [0, 1]: |0-1|/(0+1), |0-3|/(0+3)
     assert multiscale_l1(fake, real, "paper", feature_norm=True).item() == pytest.approx(1.0, abs=1e-5)
+    half = [torch.full((1, 1, 4, 4), 0.5), torch.full((1, 2, 2, 2), 1.5)]
+    assert multiscale_l1(half, real, "paper", feature_norm=True).item() == pytest.approx(0.5 / 1.5, abs=1e-5)
     seven = [torch.zeros(1, 1, 2, 2)] * 7
     ones = [torch.ones(1, 1, 2, 2)] * 7
     assert multiscale_l1(seven, ones, "reference").item() == pytest.approx((1 + 1 + 2 + 2 + 2 + 2 + 4) / 7)

@@ -363,3 +363,47 @@ def test_torchrun_two_cpu_ranks_shard_the_files_and_rank0_merges(work, ckpt_1ch)
         assert mask.shape == SHAPE and np.allclose(mask.affine, nib.load(str(f)).affine)
     assert not list(out.glob(".predictions.rank*.csv"))
     assert proc.stdout.count("3 predicted, 0 skipped, 0 failed") == 1  # rank 0 reports once
+
+
+# ---------------------------------------------------------------- MLflow model URIs
+def test_runs_uri_downloads_the_checkpoint_from_mlflow(work, geometry_run, ckpt_1ch):
+    from segan import tracking
+
+    _, expected, _, _, _ = geometry_run
+    store = work / "mlflow"
+    store.mkdir()
+    uri = f"sqlite:///{store / 'mlflow.db'}"
+    client = tracking.MlflowClient(uri)
+    exp = client.create_experiment("inference-test", artifact_location=(store / "artifacts").as_uri())
+    run_id = client.create_run(exp).info.run_id
+    client.log_artifact(run_id, str(ckpt_1ch), "model")
+    client.set_terminated(run_id)
+    out = work / "from_mlflow"
+    assert run_predict(f"runs:/{run_id}/model", [str(expected["lps"])], out, PredictOptions(), tracking_uri=uri) == 0
+    mask = nib.load(str(out / "lps.nii.gz"))
+    assert mask.shape == SHAPE and np.allclose(mask.affine, nib.load(str(expected["lps"])).affine)
+    assert f"runs:/{run_id}/model" in (out / "model.json").read_text()
+    with pytest.raises(UserError, match="models:/no-such-model/1"):
+        run_predict("models:/no-such-model/1", [str(expected["lps"])], work / "y", PredictOptions(), tracking_uri=uri)
+
+
+# ---------------------------------------------------------------- post-processing
+def test_postprocessing_small_objects_largest_component_and_holes():
+    from segan.postprocess import clean_mask, postprocess
+
+    mask = np.zeros((12, 12, 12), bool)
+    mask[1:4, 1:4, 1:4] = True  # 27 voxels
+    mask[6:8, 6:8, 6:8] = True  # 8 voxels
+    mask[10, 10, 10] = mask[11, 11, 11] = True  # 2 voxels touching by a corner: one object
+    assert clean_mask(mask, min_size=2).sum() == 27 + 8 + 2
+    assert clean_mask(mask, min_size=3).sum() == 27 + 8
+    assert clean_mask(mask, min_size=9).sum() == 27
+    assert np.array_equal(clean_mask(mask, largest_component=True), np.pad(np.ones((3, 3, 3), bool), [(1, 8)] * 3))
+    hollow = np.zeros((7, 7, 7), bool)
+    hollow[1:6, 1:6, 1:6] = True
+    hollow[3, 3, 3] = False
+    assert clean_mask(hollow, fill_holes=True).sum() == 125 and clean_mask(hollow).sum() == 124
+    assert not clean_mask(np.zeros((3, 3, 3), bool), True, 5, True).any()
+    prob = np.stack([mask * 0.9, mask * 0.4]).astype(np.float32)
+    out = postprocess(prob, PostprocessConfig(threshold=0.5, min_size=9))
+    assert out.shape == prob.shape and out[0].sum() == 27 and not out[1].any()

@@ -122,6 +122,7 @@ class TrainConfig:
     cudnn_benchmark: bool = True
     fused_critic: bool = True  # one critic pass over [fake; real] in the critic step
     foreach_clamp: bool = True  # clamp critic weights with one foreach kernel, not a Python loop
+    target_no_grad: bool = True  # SegAN: critic features of image*truth without autograd graph
     deterministic: bool = False
     threads: Optional[int] = None
     log_every: int = 10  # fetch losses from the device every N steps (no per-step sync)

@@ -10,6 +10,7 @@ Shapes: image ``(N, C, *spatial)``, probabilities and targets ``(N, K, *spatial)
 
 from __future__ import annotations
 
+from contextlib import nullcontext
 from typing import Callable, ClassVar
 
 import torch
@@ -110,7 +111,7 @@ class SegAN(Method):
     def adversarial_loss(self, critic, image, prob, target):
         fake = critic(masked_images(image, prob))
         # The target branch does not depend on the segmentor: no graph needed.
-        with torch.no_grad():
+        with torch.no_grad() if self.cfg.train.target_no_grad else nullcontext():
             real = critic(masked_images(image, target))
         return self._l1(fake, real)
 

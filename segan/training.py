@@ -71,7 +71,9 @@ def default_run_name(cfg: Config) -> str:
 class Trainer:
     """Owns models, optimizers and state; ``fit`` runs epochs until done or out of budget."""
 
-    def __init__(self, cfg: Config, out_dir: Path, dist: DistContext) -> None:
+    def __init__(self, cfg: Config, out_dir: Path, dist: DistContext, data=None) -> None:
+        """``data``: a :class:`segan.data.DataBundle`; built from ``cfg`` when omitted
+        (``segan bench`` passes one describing synthetic batches)."""
         from segan.data import build_data
         from segan.tracking import NullTracker
 
@@ -83,7 +85,7 @@ class Trainer:
             torch.backends.cudnn.benchmark = cfg.train.cudnn_benchmark and not cfg.train.deterministic
             torch.backends.cuda.matmul.allow_tf32 = True
             torch.backends.cudnn.allow_tf32 = True
-        self.data = build_data(cfg)
+        self.data = data if data is not None else build_data(cfg)
         cfg.data.channels = list(self.data.channels)  # the resolved config names what was derived
         cfg.data.regions = dict(zip(self.data.region_names, self.data.region_labels))
         n_in, n_out = len(self.data.channels), len(self.data.region_names)

@@ -770,6 +770,7 @@ def save_overlay_png(path: Path, image: np.ndarray, target: np.ndarray, pred: np
 def save_curves_png(path: Path, history: list[dict]) -> None:
     """Losses (left) and validation Dice (right) per epoch; missing values are gaps."""
     from matplotlib.figure import Figure
+    from matplotlib.ticker import MaxNLocator
 
     epochs = [h.get("epoch", i) for i, h in enumerate(history)]
     fig = Figure(figsize=(10, 4), dpi=100)
@@ -784,6 +785,7 @@ def save_curves_png(path: Path, history: list[dict]) -> None:
                 ax.plot(epochs, ys, marker="o", markersize=3, label=key,
                         linewidth=2 if key == "val_dice_mean" else 1.2)
         ax.set_xlabel("epoch")
+        ax.xaxis.set_major_locator(MaxNLocator(integer=True))
         ax.set_ylabel(label)
         ax.grid(alpha=0.3)
         if ax.lines:
@@ -1029,6 +1031,7 @@ def run_compare(experiments: list[str], metric: str = "val_dice_mean", group_by:
 def save_compare_png(path: Path, rows: list[RunRow], metric: str) -> None:
     """Left: ``metric`` per epoch for every run; right: mean ± std of its best value per group."""
     from matplotlib.figure import Figure
+    from matplotlib.ticker import MaxNLocator
 
     fig = Figure(figsize=(12, 4.5), dpi=100)
     ax1, ax2 = fig.add_subplot(1, 2, 1), fig.add_subplot(1, 2, 2)
@@ -1037,9 +1040,10 @@ def save_compare_png(path: Path, rows: list[RunRow], metric: str) -> None:
     for r in rows:
         if r.history:
             steps, values = zip(*r.history)
-            ax1.plot(steps, values, color=colors[r.group], linewidth=1.2, alpha=0.85,
+            ax1.plot(steps, values, color=colors[r.group], linewidth=1.2, alpha=0.85, marker="o", markersize=3,
                      linestyle="-" if r.status == "FINISHED" else ":", label=f"{r.run_name} ({r.group})")
     ax1.set_xlabel("epoch")
+    ax1.xaxis.set_major_locator(MaxNLocator(integer=True))
     ax1.set_ylabel(metric)
     ax1.set_title(f"{metric} per epoch")
     ax1.grid(alpha=0.3)

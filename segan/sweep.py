@@ -1,0 +1,146 @@
+"""``segan sweep``: every method x seed as child runs of one parent MLflow run, then the comparison.
+
+All children share the config's segmentor, epochs and data split: the split is written
+once to a data list (unless the config already names one) and every child reads it, so
+the seed changes initialisation, sampling and augmentation, never the validation cases.
+When a child's method is not the config's own, the settings that only make sense for
+that method family are switched as in the shipped ``configs/<method>_2d.yaml`` (table
+:data:`METHOD_SETTINGS`); ``--set`` overrides come last and win.
+"""
+
+from __future__ import annotations
+
+import json
+import sys
+from pathlib import Path
+
+from segan.errors import UserError
+
+# Settings that follow the method (critic type, weight clamp, adversarial weight), as in configs/*.
+_GAN_BASELINE = ["model.critic=patchgan", "method.clamp=null", "method.w_adv=0.05"]
+METHOD_SETTINGS: dict[str, list[str]] = {
+    "segan": ["model.critic=segan", "method.clamp=0.05", "method.w_adv=0.1"],
+    "bce": _GAN_BASELINE,
+    "lsgan": _GAN_BASELINE,
+    "hinge": _GAN_BASELINE,
+    "wgangp": ["model.critic=patchgan", "model.critic_norm=instance", "method.clamp=null", "method.w_adv=0.01"],
+    "supervised": [],
+}
+
+
+def parse_list(text: str, what: str) -> list[str]:
+    items = [t.strip() for t in text.split(",") if t.strip()]
+    if not items:
+        raise UserError(f"--{what} {text!r}: give a comma-separated list, e.g. --{what} "
+                        + ("segan,bce,supervised" if what == "methods" else "0,1,2"))
+    return list(dict.fromkeys(items))
+
+
+def parse_seeds(text: str) -> list[int]:
+    seeds = []
+    for item in parse_list(text, "seeds"):
+        try:
+            seeds.append(int(item))
+        except ValueError:
+            raise UserError(f"--seeds {text!r}: {item!r} is not an integer; e.g. --seeds 0,1,2") from None
+    return seeds
+
+
+def child_overrides(base_method: str, method: str, seed: int, datalist: str, run_name: str,
+                    overrides: list[str]) -> list[str]:
+    """The ``--set`` list of one child: method family settings, method, seed, split, then the user's."""
+    family = METHOD_SETTINGS.get(method, []) if method != base_method else []
+    return [*family, f"method.name={method}", f"seed={seed}", f"data.datalist={datalist}",
+            f"run_name={run_name}", *overrides]
+
+
+def _write_split(cfg, folder: Path) -> str:
+    """The config's data list, or the split of ``data.root`` with the config's seed, saved once."""
+    if cfg.data.datalist:
+        return str(Path(cfg.data.datalist).absolute())
+    from data_prep import msd
+
+    from segan.io_utils import atomic_write_text
+
+    root = Path(cfg.data.root)
+    if not root.is_dir():
+        raise UserError(f"data.root {root}: folder not found; generate a demo data set with "
+                        f"`segan prepare phantoms --out {root}` or point to your data with --set data.root=FOLDER")
+    datalist = msd.make_datalist(msd.load_dataset(root), seed=cfg.seed, val_fraction=cfg.data.val_fraction,
+                                 folds=cfg.data.folds, fold=cfg.data.fold)
+    path = folder / "datalist.json"
+    atomic_write_text(path, json.dumps(datalist, indent=1))
+    return str(path.absolute())
+
+
+def run_sweep(config: str, methods: str, seeds: str, overrides: list[str], tracking_uri: str | None) -> int:
+    """Train every (method, seed) as a child of one parent run; print the comparison.
+
+    Returns 0 when every child finished, 130 when interrupted (the parent run is KILLED),
+    else the exit status of the first child that did not finish (the others still run).
+    """
+    from segan.config import load_config, to_dict
+    from segan.methods import METHODS
+    from segan.tracking import SWEEP_ROLE_TAG, RunTracker, config_hash, run_compare
+    from segan.training import run_training
+
+    method_list = parse_list(methods, "methods")
+    unknown = [m for m in method_list if m not in METHODS]
+    if unknown:
+        raise UserError(f"--methods: unknown method {', '.join(unknown)}; allowed: {', '.join(METHODS)}")
+    seed_list = parse_seeds(seeds)
+    base = load_config(config, overrides)
+    if not base.tracking.enabled:
+        raise UserError("tracking.enabled is false; a sweep compares its runs in MLflow, so remove "
+                        "--set tracking.enabled=false")
+    uri = tracking_uri or base.tracking.uri
+    name = f"sweep-{config_hash({'cfg': to_dict(base), 'methods': method_list, 'seeds': seed_list})}"
+    folder = Path("outputs") / base.experiment / name
+    folder.mkdir(parents=True, exist_ok=True)
+    datalist = _write_split(base, folder)
+    # Every child config is built (and validated) before anything trains.
+    children = []
+    for method in method_list:
+        for seed in seed_list:
+            run_name = f"{method}-seed{seed}-{name.removeprefix('sweep-')}"
+            children.append((method, seed, load_config(config, child_overrides(
+                base.method.name, method, seed, datalist, run_name, overrides))))
+
+    parent = RunTracker.start(to_dict(base), tracking_uri=uri, experiment=base.experiment, run_name=name,
+                              tags={SWEEP_ROLE_TAG: "sweep", "sweep.methods": ",".join(method_list),
+                                    "sweep.seeds": ",".join(map(str, seed_list))}, spill_dir=folder)
+    if parent.run_id is None:
+        print(f"[sweep] warning: MLflow store not reachable; child runs will not be nested under {name}",
+              file=sys.stderr)
+    parent.log_artifact(Path(datalist), "sweep")
+    failed: list[tuple[str, int, int]] = []
+    status = "FINISHED"
+    try:
+        for i, (method, seed, cfg) in enumerate(children, 1):
+            print(f"[sweep] {i}/{len(children)}: {method}, seed {seed}", file=sys.stderr, flush=True)
+            result = run_training(cfg, out_dir=None, resume=None, tracking_uri=tracking_uri, register=None,
+                                  parent_run_id=parent.run_id)
+            print(f"[sweep] {method}, seed {seed}: {result.summary()}", file=sys.stderr, flush=True)
+            if result.exit_code == 130:
+                status = "KILLED"
+                break
+            if result.exit_code != 0:
+                failed.append((method, seed, result.exit_code))
+    except BaseException:
+        parent.finish("FAILED")
+        raise
+    if failed and status == "FINISHED":
+        status = "FAILED"
+    parent.finish(status)
+    try:
+        print(run_compare([base.experiment], metric="val_dice_mean", group_by="method", fmt="table",
+                          plot=folder / "compare.png", tracking_uri=uri, parent_run_id=parent.run_id))
+    except UserError as exc:
+        print(f"[sweep] no comparison: {exc}", file=sys.stderr)
+    if status == "KILLED":
+        return 130
+    if failed:
+        print("[sweep] not finished: " + ", ".join(f"{m} seed {s} (exit {c})" for m, s, c in failed),
+              file=sys.stderr)
+        return failed[0][2]
+    return 0

@@ -1,0 +1,191 @@
+"""``segan compare`` on a real SQLite store: best metric per run, mean ± std per group, formats, plot.
+
+The store holds two methods x two seeds, a FAILED run with the highest Dice, a run that
+never logged a metric, a sweep parent, and a second experiment.
+"""
+
+from __future__ import annotations
+
+import csv
+import io
+import json
+import shutil
+from pathlib import Path
+
+import pytest
+
+from conftest import run_cli
+from segan import tracking
+from segan.config import Config, to_dict
+from segan.errors import UserError
+
+SMOKE = Path(__file__).resolve().parents[1] / "configs" / "smoke.yaml"
+
+# (method, seed, status, val_dice_mean per epoch)
+RUNS = [
+    ("segan", 0, "FINISHED", [0.5, 0.7, 0.6]),
+    ("segan", 1, "FINISHED", [0.6, 0.8, 0.75]),
+    ("bce", 0, "FINISHED", [0.4, 0.6]),
+    ("bce", 1, "FINISHED", [0.3, 0.5, 0.45]),
+    ("lsgan", 0, "FAILED", [0.9]),
+    ("supervised", 0, "FINISHED", []),
+]
+
+
+def _log_run(uri: str, experiment: str, method: str, seed: int, status: str, dice: list[float],
+             parent: str | None = None) -> str:
+    cfg = Config()
+    cfg.seed, cfg.method.name, cfg.train.epochs = seed, method, 3
+    tr = tracking.RunTracker.start(to_dict(cfg), tracking_uri=uri, experiment=experiment,
+                                   run_name=f"{method}-seed{seed}", tags={"method": method}, parent_run_id=parent)
+    for epoch, value in enumerate(dice):
+        tr.log_metrics({"val_dice_mean": value, "val_dice_whole": value + 0.05, "loss_seg": 1 - value,
+                        "val_hd95_whole": 10 * (1 - value), "lr": 1e-3 / (epoch + 1)}, step=epoch)
+    tr.finish(status)
+    return tr.run_id
+
+
+@pytest.fixture(scope="module")
+def db_template(tmp_path_factory) -> Path:
+    """An empty SQLite MLflow store, created once: creating one runs ~5 s of schema migrations."""
+    path = tmp_path_factory.mktemp("template") / "mlflow.db"
+    tracking.MlflowClient(f"sqlite:///{path}").search_experiments()
+    return path
+
+
+@pytest.fixture(scope="module")
+def store(tmp_path_factory, db_template) -> dict:
+    root = tmp_path_factory.mktemp("compare_store")
+    shutil.copyfile(db_template, root / "mlflow.db")
+    uri = f"sqlite:///{root}/mlflow.db"
+    for method, seed, status, dice in RUNS:
+        _log_run(uri, "cmp", method, seed, status, dice)
+    sweep = tracking.RunTracker.start({}, tracking_uri=uri, experiment="cmp", run_name="sweep-x",
+                                      tags={tracking.SWEEP_ROLE_TAG: "sweep"})
+    child = _log_run(uri, "cmp", "segan", 7, "FINISHED", [0.55], parent=sweep.run_id)
+    sweep.finish("FINISHED")
+    _log_run(uri, "other", "segan", 0, "FINISHED", [0.2])
+    return {"uri": uri, "root": root, "sweep": sweep.run_id, "child": child}
+
+
+def test_json_lists_every_run_with_best_metrics(store):
+    proc = run_cli("compare", "-e", "cmp", "--format", "json", "--tracking-uri", store["uri"])
+    assert proc.returncode == 0, proc.stderr
+    assert "Traceback" not in proc.stderr
+    runs = json.loads(proc.stdout)
+    assert len(runs) == len(RUNS) + 1  # the sweep child, not the sweep parent
+    for r in runs:
+        assert {"run_id", "run_name", "method", "status", "metrics"} <= set(r)
+    assert [r["run_name"] for r in runs] == ["lsgan-seed0", "segan-seed1", "segan-seed0", "bce-seed0",
+                                             "segan-seed7", "bce-seed1", "supervised-seed0"]
+    by_name = {r["run_name"]: r for r in runs}
+    best = by_name["segan-seed1"]["metrics"]
+    assert best["val_dice_mean"] == pytest.approx(0.8)  # max over epochs, not the last value
+    assert best["val_dice_whole"] == pytest.approx(0.85)
+    assert best["loss_seg"] == pytest.approx(0.2) and best["val_hd95_whole"] == pytest.approx(2.0)  # minima
+    assert best["lr"] == pytest.approx(1e-3 / 3)  # neither: the last value
+    assert by_name["lsgan-seed0"]["status"] == "FAILED"
+    assert by_name["supervised-seed0"]["metrics"] == {} and by_name["supervised-seed0"]["method"] == "supervised"
+    assert by_name["segan-seed0"]["params"]["seed"] == "0"
+
+
+def test_table_has_runs_then_mean_and_std_per_method(store):
+    text = tracking.run_compare(["cmp"], metric="val_dice_mean", group_by="method", fmt="table",
+                                plot=None, tracking_uri=store["uri"])
+    lines = text.splitlines()
+    assert lines[2].split()[:3] == ["run_id", "run_name", "method"]
+    assert lines[4].split()[1] == "lsgan-seed0" and lines[4].split()[-1] == "FAILED"
+    groups = text[text.index("Mean ± std per method"):].split("\n\n")[1]  # header, rule, one row per group
+    rows = {line.split()[0]: line for line in groups.splitlines()[2:]}
+    # segan: best 0.7, 0.8, 0.55 -> mean 0.6833, sample std 0.1258; bce: 0.6, 0.5 -> 0.55 ± 0.0707
+    assert "0.6833 ± 0.1258" in rows["segan"] and rows["segan"].split()[1] == "3"
+    assert "0.5500 ± 0.0707" in rows["bce"]
+    assert "lsgan" not in rows  # FAILED runs are listed, not averaged
+    assert rows["supervised"].split()[2] == "-"
+    assert list(rows)[:2] == ["segan", "bce"]
+    assert "not FINISHED are listed above but not averaged" in text
+
+
+def test_markdown_csv_and_plot(store, tmp_path):
+    md = tracking.run_compare(["cmp"], "val_dice_mean", "method", "markdown", None, store["uri"])
+    assert "| run_id | run_name | method |" in md and "|---|" in md
+    text = tracking.run_compare(["cmp"], "loss_seg", "method", "csv", None, store["uri"])
+    rows = list(csv.DictReader(io.StringIO(text)))
+    assert len(rows) == len(RUNS) + 1 and rows[0]["run_name"] == "lsgan-seed0"  # lowest loss first
+    assert float(rows[0]["loss_seg"]) == pytest.approx(0.1) and rows[-1]["loss_seg"] == ""
+    plot = tmp_path / "cmp.png"
+    out = tracking.run_compare(["cmp"], "val_dice_mean", "method", "table", plot, store["uri"])
+    assert plot.read_bytes()[:8] == b"\x89PNG\r\n\x1a\n" and plot.stat().st_size > 10_000
+    assert f"plot written to {plot}" in out
+
+
+def test_all_experiments_and_one_sweep(store):
+    runs = json.loads(tracking.run_compare([], "val_dice_mean", "method", "json", None, store["uri"]))
+    assert {r["experiment"] for r in runs} == {"cmp", "other"}  # the empty Default is left out
+    only = json.loads(tracking.run_compare(["cmp"], "val_dice_mean", "method", "json", None, store["uri"],
+                                           parent_run_id=store["sweep"]))
+    assert [r["run_id"] for r in only] == [store["child"]]
+    by_status = tracking.run_compare(["cmp"], "val_dice_mean", "status", "table", None, store["uri"])
+    assert "Mean ± std per status" in by_status
+
+
+def test_user_errors_are_one_line(store, tmp_path):
+    proc = run_cli("compare", "-e", "nope", "-e", "cmp", "--tracking-uri", store["uri"])
+    assert proc.returncode == 2 and "Traceback" not in proc.stderr
+    assert proc.stderr.strip().splitlines() == [
+        f"error: experiment 'nope' not found in {store['uri']}; existing experiments: Default, cmp, other"]
+    with pytest.raises(UserError, match="metric 'val_dice' is not logged by any run.*val_dice_mean"):
+        tracking.run_compare(["cmp"], "val_dice", "method", "table", None, store["uri"])
+    with pytest.raises(UserError, match="no MLflow store at"):
+        tracking.run_compare([], "val_dice_mean", "method", "table", None, f"sqlite:///{tmp_path}/none.db")
+    assert not (tmp_path / "none.db").exists()
+
+
+# ------------------------------------------------------------------------------- sweeps
+def test_sweep_input_errors():
+    from segan.sweep import child_overrides, parse_seeds, run_sweep
+
+    with pytest.raises(UserError, match="unknown method gan; allowed: .*segan"):
+        run_sweep(str(SMOKE), methods="segan,gan", seeds="0", overrides=[], tracking_uri=None)
+    with pytest.raises(UserError, match="'x' is not an integer"):
+        parse_seeds("0,x")
+    # A baseline swept from a SegAN config gets the baseline's critic and no weight clamp.
+    sets = child_overrides("segan", "bce", 1, "/d.json", "bce-seed1", ["method.w_adv=0.2"])
+    assert sets[:2] == ["model.critic=patchgan", "method.clamp=null"] and sets[-1] == "method.w_adv=0.2"
+    assert child_overrides("segan", "segan", 0, "/d.json", "n", [])[0] == "method.name=segan"
+
+
+def test_sweep_trains_children_under_one_parent_then_compares(phantoms_small, tmp_path, db_template, monkeypatch,
+                                                             capsys):
+    from segan.sweep import run_sweep
+
+    # In-process (the CLI wiring is click's; `segan compare` is run as a real process above).
+    monkeypatch.chdir(tmp_path)
+    (tmp_path / "mlflow_runs").mkdir()
+    shutil.copyfile(db_template, tmp_path / "mlflow_runs" / "mlflow.db")
+    monkeypatch.delenv("MLFLOW_TRACKING_URI", raising=False)
+    uri = tracking.default_tracking_uri()
+    sets = [f"data.root={phantoms_small}", f"preprocess.cache_dir={tmp_path / 'cache'}", "experiment=sweep-test",
+            "train.epochs=1", "train.steps_per_epoch=1", "train.batch_size=2", "train.val_max_cases=1",
+            "data.patch_size=[32, 32]"]
+    assert run_sweep(str(SMOKE), methods="segan,supervised", seeds="0,1", overrides=sets, tracking_uri=None) == 0
+    out = capsys.readouterr().out
+    groups = out[out.index("Mean ± std per method"):].split("\n\n")[1].splitlines()[2:]
+    assert sorted(line.split()[:2] for line in groups) == [["segan", "2"], ["supervised", "2"]]
+
+    client = tracking.MlflowClient(uri)
+    runs = client.search_runs([client.get_experiment_by_name("sweep-test").experiment_id])
+    (parent,) = [r for r in runs if r.data.tags.get(tracking.SWEEP_ROLE_TAG) == "sweep"]
+    children = [r for r in runs if r is not parent]
+    assert parent.info.status == "FINISHED" and len(children) == 4
+    assert {(r.data.tags["method"], r.data.params["seed"]) for r in children} == {
+        ("segan", "0"), ("segan", "1"), ("supervised", "0"), ("supervised", "1")}
+    for r in children:
+        assert r.info.status == "FINISHED" and r.data.tags["mlflow.parentRunId"] == parent.info.run_id
+        assert "val_dice_mean" in r.data.metrics
+    # The same split, epochs and segmentor for every child.
+    for key in ("data.datalist", "train.epochs", "model.channels", "model.segmentor"):
+        assert len({r.data.params[key] for r in children}) == 1, key
+    split = children[0].data.params["data.datalist"]
+    assert split.startswith(str(tmp_path / "outputs" / "sweep-test")) and split.endswith("datalist.json")
+    assert (tmp_path / "outputs" / "sweep-test" / parent.info.run_name / "compare.png").is_file()

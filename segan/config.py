@@ -99,7 +99,8 @@ class OptimConfig:
     name: str = "adam"  # adam | adamw | rmsprop
     lr: float = 1e-3
     critic_lr: float = 1e-4
-    betas: list[float] = field(default_factory=lambda: [0.5, 0.999])
+    betas: list[float] = field(default_factory=lambda: [0.9, 0.999])
+    critic_betas: list[float] = field(default_factory=lambda: [0.5, 0.999])  # GAN practice (DCGAN, SegAN code)
     weight_decay: float = 0.0
     schedule: str = "cosine"  # none | step | cosine | poly
     step_epochs: int = 25

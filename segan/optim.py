@@ -9,7 +9,8 @@ import torch
 from segan.config import OptimConfig
 
 
-def build_optimizer(params, cfg: OptimConfig, lr: float, device: torch.device) -> torch.optim.Optimizer:
+def build_optimizer(params, cfg: OptimConfig, lr: float, device: torch.device,
+                    betas: list[float] | None = None) -> torch.optim.Optimizer:
     """Adam / AdamW / RMSprop; fused kernels on CUDA when ``cfg.fused`` (plain on CPU)."""
     params = [p for p in params if p.requires_grad]
     fused = bool(cfg.fused and device.type == "cuda")
@@ -17,7 +18,7 @@ def build_optimizer(params, cfg: OptimConfig, lr: float, device: torch.device) -
         return torch.optim.RMSprop(params, lr=lr, weight_decay=cfg.weight_decay)
     cls = torch.optim.AdamW if cfg.name == "adamw" else torch.optim.Adam
     extra = {"fused": True} if fused else {"foreach": True}
-    return cls(params, lr=lr, betas=tuple(cfg.betas), weight_decay=cfg.weight_decay, **extra)
+    return cls(params, lr=lr, betas=tuple(betas or cfg.betas), weight_decay=cfg.weight_decay, **extra)
 
 
 def build_scheduler(opt: torch.optim.Optimizer, cfg: OptimConfig, epochs: int) -> torch.optim.lr_scheduler.LambdaLR:

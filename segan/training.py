@@ -117,7 +117,7 @@ class Trainer:
         self.sched_seg = build_scheduler(self.opt_seg, o, cfg.train.epochs)
         self.opt_critic = self.sched_critic = None
         if self.critic is not None:
-            self.opt_critic = build_optimizer(self.critic.parameters(), o, o.critic_lr, self.device)
+            self.opt_critic = build_optimizer(self.critic.parameters(), o, o.critic_lr, self.device, o.critic_betas)
             self.sched_critic = build_scheduler(self.opt_critic, o, cfg.train.epochs)
         self.scaler = torch.amp.GradScaler(enabled=False)  # bf16 needs no loss scaling; kept for resume symmetry
         self.epoch = 0
@@ -193,7 +193,8 @@ class Trainer:
             logits = self.seg_forward(image)
         prob = torch.sigmoid(logits.float())
         loss_critic = zero
-        if self.critic is not None:
+        train_critic = self.critic is not None and w_adv > 0  # warm-up is segmentation only
+        if train_critic:
             for _ in range(self.cfg.method.critic_steps):
                 self.opt_critic.zero_grad(set_to_none=True)
                 with self._autocast():
@@ -206,14 +207,14 @@ class Trainer:
             self.critic.requires_grad_(False)
         loss_seg = self.seg_loss(logits, target)
         loss_adv = zero
-        if self.critic is not None and w_adv > 0:
+        if train_critic:
             with self._autocast():
                 loss_adv = self.method.adversarial_loss(self.critic, image, prob, target)
         total = self.cfg.method.w_seg * loss_seg + w_adv * loss_adv
         self.opt_seg.zero_grad(set_to_none=True)
         total.backward()
         self.opt_seg.step()
-        if self.critic is not None:
+        if train_critic:
             self.critic.requires_grad_(True)
         return torch.stack([loss_seg.detach().float(), loss_adv.detach().float(), loss_critic.detach().float()])
 

@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import warnings
 from dataclasses import dataclass, field
 
 import numpy as np
@@ -51,8 +52,10 @@ def validate(model: nn.Module, cases: list, region_names: list[str], spatial_dim
         dices.append(dice.cpu())
         per_case[case.name] = dice.cpu().tolist()
         if hd95:
-            hd = compute_hausdorff_distance(pred[None].cpu(), target[None].cpu(), include_background=True,
-                                            percentile=95)[0]
+            with warnings.catch_warnings():  # MONAI 1.5+ deprecation chatter from its own internals
+                warnings.simplefilter("ignore", FutureWarning)
+                hd = compute_hausdorff_distance(pred[None].cpu(), target[None].cpu(), include_background=True,
+                                                percentile=95)[0]
             hds.append(hd)
         if overlay is None:
             overlay = _overlay_slice(image, target, pred)

@@ -127,11 +127,15 @@ def get_or_create_experiment(client: MlflowClient, uri: str, name: str) -> str:
 
 
 def _is_transient(exc: BaseException) -> bool:
-    """A failure worth retrying later: no answer, a timeout, a 5xx, a rate limit, a local I/O error."""
+    """A failure worth retrying later: no answer, a timeout, a 5xx, a rate limit, an I/O error.
+
+    MLflow wraps connection failures in an ``MlflowException`` with status 500; ``requests``
+    errors are ``OSError``s. Anything else (a 4xx, a bug) is not retried.
+    """
     if isinstance(exc, MlflowException):
         status = exc.get_http_status_code()
         return status >= 500 or status in (408, 429)
-    return True
+    return isinstance(exc, OSError)
 
 
 def _short(exc: BaseException) -> str:
@@ -352,13 +356,21 @@ class RunTracker:
         ``image`` ``(C, H, W)``; ``target``/``pred`` ``(K, H, W)`` binary, one channel per region.
         """
         png = self._staging / f"epoch_{int(epoch):03d}.png"
-        save_overlay_png(png, image, target, pred, region_names, title=f"epoch {epoch}", channel=channel)
+        try:
+            save_overlay_png(png, image, target, pred, region_names, title=f"epoch {epoch}", channel=channel)
+        except Exception as exc:  # an image is not worth a training run
+            log.warning("MLflow: overlay of epoch %s not drawn (%s: %s)", epoch, type(exc).__name__, _short(exc))
+            return
         self._queue("artifact", {"path": str(png), "artifact_path": "overlays"})
 
     def log_curves(self, history: list[dict]) -> None:
         """Artifact ``curves.png``: losses and validation Dice per epoch (one dict per epoch)."""
         png = self._staging / "curves.png"
-        save_curves_png(png, history)
+        try:
+            save_curves_png(png, history)
+        except Exception as exc:  # an image is not worth a training run
+            log.warning("MLflow: curves not drawn (%s: %s)", type(exc).__name__, _short(exc))
+            return
         op = ("artifact", {"path": str(png), "artifact_path": None})
         if op not in self._ops:  # the queued file already holds the newest curves
             self._queue(*op)
@@ -398,8 +410,8 @@ class RunTracker:
                 except Exception as exc:
                     if _is_transient(exc):
                         raise
-                    log.warning("MLflow refused %s of run %s (%s); kept for the unsent file", kind,
-                                self.run_id, _short(exc))
+                    log.warning("MLflow could not log %s of run %s (%s: %s); kept for the unsent file", kind,
+                                self.run_id, type(exc).__name__, _short(exc))
                     self._rejected.append({"kind": kind, **payload})
                 self._ops.pop(0)
             while self._metrics:
@@ -491,6 +503,8 @@ class RunTracker:
             ops = [(k, {key: (str(files / Path(v).relative_to(self._staging))
                               if key in ("path", "checkpoint") and Path(v).is_relative_to(self._staging) else v)
                         for key, v in p.items()}) for k, p in ops]
+        else:
+            shutil.rmtree(self._staging, ignore_errors=True)
         data = {
             "format": "segan-mlflow-unsent/1",
             "tracking_uri": self.uri, "experiment": self.experiment, "run_name": self.run_name,

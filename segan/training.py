@@ -408,7 +408,6 @@ def run_training(cfg: Config, out_dir: str | Path | None = None, resume: str | P
                                tags={"method": cfg.method.name, "spatial_dims": str(cfg.data.spatial_dims),
                                      "dataset": trainer.data.dataset_name})
         trainer.tracker = tracker
-        result.run_id = getattr(tracker, "run_id", None)
         if dist.is_main:
             out.mkdir(parents=True, exist_ok=True)
             dump_yaml(cfg, out / "config.yaml")
@@ -434,6 +433,7 @@ def run_training(cfg: Config, out_dir: str | Path | None = None, resume: str | P
         tracker.finish("FAILED")
         raise
     tracker.finish(result.status)
+    result.run_id = getattr(tracker, "run_id", None)  # known only once the store answered
     if trainer is not None:
         result.epochs_done = trainer.epoch
         result.best_metric = trainer.best_metric

@@ -6,7 +6,10 @@ VENV ?= .venv
 TORCH_SPEC ?= torch==2.13.0
 BIN := $(VENV)/bin
 DEMO_DIR ?= data/phantoms
+DEMO_MINUTES ?= 5
+DEMO_OUT ?= outputs/demo
 PYTEST_ARGS ?=
+SEGAN := $(BIN)/segan
 
 .PHONY: install demo test clean
 
@@ -21,9 +24,16 @@ $(VENV)/.installed: $(BIN)/python setup.cfg pyproject.toml
 
 install: $(VENV)/.installed
 
+# The main job end to end on generated phantoms: prepare, check, train SegAN and the
+# supervised baseline (DEMO_MINUTES each), predict the test scans, evaluate, compare.
 demo: install
-	$(BIN)/segan prepare phantoms --out $(DEMO_DIR) --cases 24 --size 96 --seed 0
-	$(BIN)/segan prepare check $(DEMO_DIR)
+	$(SEGAN) prepare phantoms --out $(DEMO_DIR) --cases 24 --size 96 --seed 0
+	$(SEGAN) prepare check $(DEMO_DIR)
+	$(SEGAN) train -c configs/supervised_2d.yaml --set data.root=$(DEMO_DIR) --set train.max_minutes=$(DEMO_MINUTES) --set experiment=demo --out $(DEMO_OUT)/supervised
+	$(SEGAN) train -c configs/segan_2d.yaml --set data.root=$(DEMO_DIR) --set train.max_minutes=$(DEMO_MINUTES) --set experiment=demo --out $(DEMO_OUT)/segan
+	$(SEGAN) predict -m $(DEMO_OUT)/segan -i $(DEMO_DIR)/imagesTs -o $(DEMO_OUT)/predictions --overwrite
+	$(SEGAN) evaluate -p $(DEMO_OUT)/predictions -g $(DEMO_DIR)/labelsTs --out $(DEMO_OUT)/metrics.csv
+	$(SEGAN) compare -e demo
 
 test: install
 	$(BIN)/python -m pytest $(PYTEST_ARGS)

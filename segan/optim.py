@@ -21,17 +21,37 @@ def build_optimizer(params, cfg: OptimConfig, lr: float, device: torch.device,
     return cls(params, lr=lr, betas=tuple(betas or cfg.betas), weight_decay=cfg.weight_decay, **extra)
 
 
-def build_scheduler(opt: torch.optim.Optimizer, cfg: OptimConfig, epochs: int) -> torch.optim.lr_scheduler.LambdaLR:
-    """Per-epoch multiplier: none, step (x gamma every step_epochs), cosine, poly (0.9)."""
+class ProgressSchedule:
+    """Learning rate = base lr x ``factor(progress)``, progress in [0, 1].
 
-    def factor(epoch: int) -> float:
-        t = min(epoch / max(epochs, 1), 1.0)
-        if cfg.schedule == "step":
-            return cfg.gamma ** (epoch // max(cfg.step_epochs, 1))
-        if cfg.schedule == "cosine":
+    The trainer sets progress = max(epochs done / epochs, wall time used / ``train.max_minutes``),
+    so a run with a time budget still anneals fully before the budget ends.
+    Schedules: none, step (x gamma every ``step_epochs``), cosine (to 2 %), poly (power 0.9).
+    """
+
+    def __init__(self, opt: torch.optim.Optimizer, cfg: OptimConfig, epochs: int) -> None:
+        self.opt, self.cfg, self.epochs = opt, cfg, max(epochs, 1)
+        self.base = [float(g["lr"]) for g in opt.param_groups]
+        self.progress = 0.0
+
+    def factor(self, progress: float) -> float:
+        t = min(max(progress, 0.0), 1.0)
+        if self.cfg.schedule == "step":
+            return self.cfg.gamma ** int(t * self.epochs // max(self.cfg.step_epochs, 1))
+        if self.cfg.schedule == "cosine":
             return 0.02 + 0.98 * 0.5 * (1 + math.cos(math.pi * t))
-        if cfg.schedule == "poly":
-            return max(1 - t, 0.0) ** 0.9
+        if self.cfg.schedule == "poly":
+            return (1 - t) ** 0.9
         return 1.0
 
-    return torch.optim.lr_scheduler.LambdaLR(opt, factor)
+    def step(self, progress: float) -> None:
+        self.progress = float(progress)
+        for group, base in zip(self.opt.param_groups, self.base):
+            group["lr"] = base * self.factor(self.progress)
+
+    def state_dict(self) -> dict:
+        return {"base": list(self.base), "progress": self.progress}
+
+    def load_state_dict(self, state: dict) -> None:
+        self.base = [float(b) for b in state["base"]]
+        self.step(float(state["progress"]))

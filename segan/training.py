@@ -27,7 +27,7 @@ from segan.config import Config, dump_yaml, to_dict
 from segan.errors import TrainingDiverged
 from segan.losses import SegmentationLoss
 from segan.methods import METHODS
-from segan.optim import build_optimizer, build_scheduler
+from segan.optim import ProgressSchedule, build_optimizer
 from segan.runtime import DistContext, init_distributed, resolve_device, rng_state, seed_everything, set_rng_state
 from segan.validation import validate
 
@@ -114,11 +114,11 @@ class Trainer:
         self.seg_loss = SegmentationLoss(cfg.method.seg_loss, cfg.method.dice_batch)
         o = cfg.optim
         self.opt_seg = build_optimizer(self.segmentor.parameters(), o, o.lr, self.device)
-        self.sched_seg = build_scheduler(self.opt_seg, o, cfg.train.epochs)
+        self.sched_seg = ProgressSchedule(self.opt_seg, o, cfg.train.epochs)
         self.opt_critic = self.sched_critic = None
         if self.critic is not None:
             self.opt_critic = build_optimizer(self.critic.parameters(), o, o.critic_lr, self.device, o.critic_betas)
-            self.sched_critic = build_scheduler(self.opt_critic, o, cfg.train.epochs)
+            self.sched_critic = ProgressSchedule(self.opt_critic, o, cfg.train.epochs)
         self.scaler = torch.amp.GradScaler(enabled=False)  # bf16 needs no loss scaling; kept for resume symmetry
         self.epoch = 0
         self.step = 0
@@ -219,8 +219,9 @@ class Trainer:
         return torch.stack([loss_seg.detach().float(), loss_adv.detach().float(), loss_critic.detach().float()])
 
     # ------------------------------------------------------------------ epochs
-    def fit(self, deadline: float | None) -> str:
-        """Run until ``train.epochs`` or the wall-clock ``deadline``; returns the stop reason."""
+    def fit(self, deadline: float | None = None, budget_s: float | None = None) -> str:
+        """Run until ``train.epochs`` or the wall-clock ``deadline`` (``budget_s`` after the
+        start); returns the stop reason."""
         from segan.data import make_loader
 
         cfg = self.cfg
@@ -237,10 +238,13 @@ class Trainer:
             if sampler is not None:
                 sampler.set_epoch(self.epoch)
             stats, out_of_time = self.train_epoch(loader, deadline)
-            self.sched_seg.step()
-            if self.sched_critic is not None:
-                self.sched_critic.step()
             self.epoch += 1
+            progress = self.epoch / cfg.train.epochs
+            if deadline is not None and budget_s:
+                progress = max(progress, 1 - (deadline - time.monotonic()) / budget_s)
+            for sched in (self.sched_seg, self.sched_critic):
+                if sched is not None:
+                    sched.step(progress)
             last = self.epoch >= cfg.train.epochs or out_of_time
             record = {"epoch": self.epoch, **stats, "lr": self.opt_seg.param_groups[0]["lr"]}
             if self.dist.is_main and (self.epoch % cfg.train.val_every == 0 or last):
@@ -414,8 +418,9 @@ def run_training(cfg: Config, out_dir: str | Path | None = None, resume: str | P
             _log_run_inputs(tracker, trainer, out)
         if ckpt is not None:
             trainer.load_state_dict(ckpt)
-        deadline = time.monotonic() + cfg.train.max_minutes * 60 if cfg.train.max_minutes else None
-        reason = trainer.fit(deadline)
+        budget_s = cfg.train.max_minutes * 60 if cfg.train.max_minutes else None
+        deadline = time.monotonic() + budget_s if budget_s else None
+        reason = trainer.fit(deadline, budget_s)
         result.message = f"stopped: {reason}"
         if dist.is_main:
             tracker.log_curves(trainer.history)

@@ -131,3 +131,18 @@ def test_missing_data_folder_is_a_user_error(tmp_path):
     cfg = load_config(SMOKE, [f"data.root={tmp_path / 'nope'}", "tracking.enabled=false"])
     with pytest.raises(UserError, match="nope"):
         run_training(cfg, out_dir=tmp_path / "run")
+
+
+def test_ctrl_c_saves_state_and_exits_cleanly(phantoms, tmp_path):
+    proc = _train_cli(f"--set=data.root={phantoms}", f"--set=preprocess.cache_dir={tmp_path / 'cache'}",
+                      "--set=tracking.enabled=false", "--set=train.epochs=50", "--set=train.steps_per_epoch=4",
+                      "--out", str(tmp_path / "run"))
+    ckpt = tmp_path / "run" / "last.pt"
+    deadline = time.monotonic() + 240
+    while not ckpt.exists() and proc.poll() is None and time.monotonic() < deadline:
+        time.sleep(0.05)
+    proc.send_signal(signal.SIGINT)
+    out, err = proc.communicate(timeout=120)
+    assert proc.returncode == 130, (out, err)
+    assert "Traceback" not in err and "--resume" in out + err
+    assert torch.load(ckpt, weights_only=True)["epoch"] >= 1

@@ -18,10 +18,12 @@ import time
 import urllib.request
 from pathlib import Path
 
+import nibabel as nib
 import numpy as np
 import pytest
 import torch
 
+from conftest import run_cli
 from segan import tracking
 from segan.checkpoint import make_meta, save_checkpoint
 from segan.config import Config, to_dict
@@ -124,7 +126,7 @@ def start(uri: str, name: str = "r", experiment: str = "tracking-test", **kwargs
 
 
 def n_warnings(caplog: pytest.LogCaptureFixture, text: str) -> int:
-    return sum(text in r.getMessage() for r in caplog.records if r.name == "segan.tracking")
+    return sum(text in r.getMessage() for r in caplog.records if r.name.startswith("segan.tracking"))
 
 
 # ----------------------------------------------------------------------------- local store
@@ -263,6 +265,54 @@ def test_make_tracker_is_null_when_disabled_or_not_rank_zero(tmp_path, new_store
     run = tracking.MlflowClient(cfg.tracking.uri).get_run(tr.run_id)
     assert run.data.tags["dataset"] == "brats" and run.data.tags["method"] == "segan"
     assert run.info.run_name.startswith("segan-")
+
+
+# --------------------------------------------------------------------- segan evaluate --run
+def test_evaluate_logs_its_means_to_an_existing_run(tmp_path, new_store):
+    uri = new_store(tmp_path / "store")
+    client = tracking.MlflowClient(uri)
+    run_id = client.create_run(client.create_experiment("eval-test"), run_name="trained-elsewhere").info.run_id
+    truth = np.zeros((8, 8, 4), np.uint8)
+    truth[2:6, 2:6, 1:3] = 1  # 32 voxels
+    guess = np.roll(truth, 1, axis=1)  # 32 voxels, 24 of them true: Dice 0.75, IoU 24/40
+    for folder, mask in (("gt", truth), ("pred", guess)):
+        (tmp_path / folder).mkdir()
+        nib.save(nib.Nifti1Image(mask, np.eye(4)), str(tmp_path / folder / "case1.nii.gz"))
+    proc = run_cli("evaluate", "-p", tmp_path / "pred", "-g", tmp_path / "gt", "--regions", "lesion=1",
+                   "--run", run_id, "--tracking-uri", uri)
+    assert proc.returncode == 0 and "Traceback" not in proc.stderr, proc.stderr
+    (run,) = read_runs(uri, "eval-test")
+    assert run["run_id"] == run_id and run["status"] == "RUNNING"  # logging does not end someone's run
+    assert run["metrics"]["eval_dice_lesion"] == [[0, 0.75]]
+    assert run["metrics"]["eval_iou_lesion"] == [[0, pytest.approx(0.6)]]
+    assert run["metrics"]["eval_dice_mean"] == [[0, 0.75]]
+
+
+def test_log_metrics_to_run_errors_are_one_line(tmp_path, new_store):
+    from segan.metrics import run_evaluate
+
+    uri = new_store(tmp_path)
+    client = tracking.MlflowClient(uri)
+    gone = client.create_run(client.create_experiment("e")).info.run_id
+    client.delete_run(gone)
+    missing = "0" * 32
+    dead = f"http://127.0.0.1:{_free_port()}"
+    cases = [(missing, uri, f"MLflow run {missing}: not found in {uri}; pass a run id"),
+             (gone, uri, f"MLflow run {gone}: deleted in {uri}"),
+             (missing, f"sqlite:///{tmp_path}/none.db", f"no MLflow store at {tmp_path}/none.db"),
+             (missing, dead, f"MLflow store {dead}: not answering")]
+    for run_id, store, message in cases:
+        t0 = time.monotonic()
+        with pytest.raises(UserError) as err:
+            tracking.log_metrics_to_run(run_id, {"eval_dice_mean": 0.5}, store)
+        assert str(err.value).startswith(message) and "\n" not in str(err.value)
+        assert time.monotonic() - t0 < 15  # a dead server fails in seconds (no retries, short timeout)
+    assert not (tmp_path / "none.db").exists()
+    # `segan evaluate --run` passes the error on as it is, after the table and CSV are done.
+    (tmp_path / "gt").mkdir()
+    nib.save(nib.Nifti1Image(np.ones((4, 4, 4), np.uint8), np.eye(4)), str(tmp_path / "gt" / "a.nii.gz"))
+    with pytest.raises(UserError, match=f"MLflow run {missing}: not found"):
+        run_evaluate(tmp_path / "gt", tmp_path / "gt", regions="all=1", run_id=missing, tracking_uri=uri)
 
 
 # ------------------------------------------------------------------------- a real server

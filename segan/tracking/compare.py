@@ -1,0 +1,242 @@
+"""``segan compare``: the best value of every metric per run, then mean ± std per group (seeds).
+
+A Dice-like metric's best value is its maximum, a loss's or a distance's its minimum, any
+other metric's its last value. FAILED, KILLED and RUNNING runs are listed, not averaged.
+"""
+
+from __future__ import annotations
+
+import csv
+import io
+import json
+import math
+import time
+from dataclasses import dataclass, field
+from pathlib import Path
+from typing import Any, Iterator
+
+import numpy as np
+from mlflow.exceptions import MlflowException
+from mlflow.tracking import MlflowClient
+
+from segan.errors import UserError
+from segan.tracking.plots import save_compare_png
+from segan.tracking.store import open_store, short
+
+SWEEP_ROLE_TAG = "segan.role"  # "sweep" on a sweep's parent run (no metrics; compare skips it)
+_HIGHER = ("dice", "iou", "jaccard", "precision", "sensitivity", "recall", "specificity", "accuracy",
+           "samples_per_s")
+_LOWER = ("loss", "hd95", "hausdorff", "surface_distance", "error")
+_KEY_PARAMS = ("seed", "model.segmentor", "data.spatial_dims", "train.epochs")
+
+
+def metric_goal(key: str) -> str:
+    """``'max'`` (Dice-like), ``'min'`` (losses, distances) or ``'last'`` (lr, memory, ...)."""
+    k = key.lower()
+    if any(w in k for w in _LOWER):
+        return "min"
+    if any(w in k for w in _HIGHER):
+        return "max"
+    return "last"
+
+
+def _best(history: list[Any], goal: str) -> float | None:
+    values = [(m.step, m.timestamp, m.value) for m in history if not math.isnan(m.value)]
+    if not values:
+        return None
+    if goal == "max":
+        return max(v for _, _, v in values)
+    if goal == "min":
+        return min(v for _, _, v in values)
+    return max(values)[2]
+
+
+@dataclass
+class RunRow:
+    """One run in a comparison: best value of every metric, plus the history of the compared one."""
+
+    run_id: str
+    run_name: str
+    experiment: str
+    status: str
+    method: str
+    group: str
+    start_time: int
+    duration_s: float | None
+    params: dict[str, str]
+    metrics: dict[str, float] = field(default_factory=dict)
+    history: list[tuple[int, float]] = field(default_factory=list)
+
+    def to_json(self) -> dict[str, Any]:
+        return {"run_id": self.run_id, "run_name": self.run_name, "experiment": self.experiment,
+                "method": self.method, "group": self.group, "status": self.status,
+                "start_time": self.start_time, "duration_s": self.duration_s, "params": self.params,
+                "metrics": self.metrics}
+
+
+def collect_runs(experiments: list[str], metric: str, group_by: str = "method", tracking_uri: str | None = None,
+                 parent_run_id: str | None = None) -> list[RunRow]:
+    """Rows for every run of ``experiments`` (all but an empty "Default" when none are named).
+
+    Sweep parent runs are skipped; ``parent_run_id`` keeps only that sweep's children.
+    """
+    client, uri = open_store(tracking_uri)
+    try:
+        all_exps = client.search_experiments()
+        by_name = {e.name: e for e in all_exps}
+        missing = [name for name in experiments if name not in by_name]
+        if missing:
+            raise UserError(f"experiment {', '.join(repr(m) for m in missing)} not found in {uri}; existing "
+                            f"experiments: {', '.join(sorted(by_name)) or 'none'}")
+        exps = [by_name[n] for n in dict.fromkeys(experiments)] if experiments else all_exps
+        filt = f"tags.`mlflow.parentRunId` = '{parent_run_id}'" if parent_run_id else ""
+        now = time.time() * 1000
+        return [_row(client, exp.name, run, metric, group_by, now) for exp in exps
+                for run in _search_runs(client, exp.experiment_id, filt)]
+    except MlflowException as exc:
+        raise UserError(f"MLflow store {uri} could not be read ({short(exc)}); check --tracking-uri") from None
+
+
+def _search_runs(client: MlflowClient, experiment_id: str, filter_string: str) -> Iterator[Any]:
+    """Every run of an experiment (page by page) but sweep parents."""
+    token = None
+    while True:
+        page = client.search_runs([experiment_id], filter_string=filter_string, max_results=1000, page_token=token)
+        yield from (r for r in page if r.data.tags.get(SWEEP_ROLE_TAG) != "sweep")
+        token = page.token
+        if not token:
+            return
+
+
+def _row(client: MlflowClient, experiment: str, run: Any, metric: str, group_by: str, now_ms: float) -> RunRow:
+    """A run's row: the best value of each metric (system metrics aside) and the history of ``metric``."""
+    info, data = run.info, run.data
+    row = RunRow(run_id=info.run_id, run_name=info.run_name or "", experiment=experiment, status=info.status,
+                 method=data.tags.get("method") or data.params.get("method.name") or "-",
+                 group=_group_value(run, group_by), start_time=info.start_time,
+                 duration_s=((info.end_time or now_ms) - info.start_time) / 1000 if info.start_time else None,
+                 params={k: data.params[k] for k in _KEY_PARAMS if k in data.params})
+    for key in sorted(data.metrics):
+        if key.startswith("system/"):
+            continue
+        history = client.get_metric_history(info.run_id, key)
+        best = _best(history, metric_goal(key))
+        if best is not None:
+            row.metrics[key] = best
+        if key == metric:
+            row.history = sorted((m.step, m.value) for m in history)
+    return row
+
+
+def _group_value(run: Any, key: str) -> str:
+    tags, params = run.data.tags, run.data.params
+    for value in (tags.get(key), params.get(key), params.get(f"{key}.name")):
+        if value is not None:
+            return str(value)
+    return {"status": run.info.status, "run_name": run.info.run_name}.get(key) or "-"
+
+
+def _fmt(value: float | None) -> str:
+    return "-" if value is None else f"{value:.4f}"
+
+
+def _fmt_duration(seconds: float | None) -> str:
+    if seconds is None:
+        return "-"
+    minutes, sec = divmod(int(round(seconds)), 60)
+    hours, minutes = divmod(minutes, 60)
+    return f"{hours}h{minutes:02d}m" if hours else f"{minutes}m{sec:02d}s"
+
+
+def _sort_rows(rows: list[RunRow], metric: str) -> list[RunRow]:
+    sign = 1.0 if metric_goal(metric) == "min" else -1.0
+    return sorted(rows, key=lambda r: (metric not in r.metrics, sign * r.metrics.get(metric, 0.0), r.run_name))
+
+
+def group_stats(rows: list[RunRow], metrics: list[str]) -> list[dict[str, Any]]:
+    """Per group (seeds): FINISHED runs only; mean and sample std (0 for one run) of each best metric."""
+    groups: dict[str, list[RunRow]] = {}
+    for row in rows:
+        if row.status == "FINISHED":
+            groups.setdefault(row.group, []).append(row)
+    out = []
+    for name, members in groups.items():
+        entry: dict[str, Any] = {"group": name, "runs": len(members)}
+        for key in metrics:
+            vals = np.array([r.metrics[key] for r in members if key in r.metrics], dtype=float)
+            entry[key] = (float(vals.mean()), float(vals.std(ddof=1)) if len(vals) > 1 else 0.0, len(vals)) \
+                if len(vals) else None
+        out.append(entry)
+    key0 = metrics[0]
+    sign = 1.0 if metric_goal(key0) == "min" else -1.0
+    return sorted(out, key=lambda e: (e[key0] is None, sign * (e[key0][0] if e[key0] else 0.0), e["group"]))
+
+
+def _render_table(header: list[str], body: list[list[str]], markdown: bool) -> str:
+    if markdown:
+        lines = ["| " + " | ".join(header) + " |", "|" + "|".join("---" for _ in header) + "|"]
+        return "\n".join(lines + ["| " + " | ".join(r) + " |" for r in body])
+    widths = [max(len(str(c)) for c in col) for col in zip(header, *body)]
+    fmt = lambda cells: "  ".join(str(c).ljust(w) for c, w in zip(cells, widths)).rstrip()  # noqa: E731
+    return "\n".join([fmt(header), fmt(["-" * w for w in widths])] + [fmt(r) for r in body])
+
+
+def run_compare(experiments: list[str], metric: str = "val_dice_mean", group_by: str = "method",
+                fmt: str = "table", plot: Path | None = None, tracking_uri: str | None = None,
+                parent_run_id: str | None = None) -> str:
+    """The comparison as text: ``table`` | ``markdown`` (runs, then mean ± std per group),
+    ``csv`` (runs) or ``json`` (a list of runs with their best metrics). ``plot``: a PNG."""
+    rows = collect_runs(experiments, metric, group_by, tracking_uri, parent_run_id)
+    where = ", ".join(experiments) if experiments else "any experiment"
+    if rows and not any(metric in r.metrics for r in rows):
+        known = sorted({k for r in rows for k in r.metrics})
+        raise UserError(f"metric {metric!r} is not logged by any run in {where}; logged metrics: "
+                        f"{', '.join(known) or 'none'}")
+    rows = _sort_rows(rows, metric)
+    if plot is not None and rows:
+        save_compare_png(Path(plot), rows, metric, group_stats(rows, [metric]))
+    if fmt == "json":
+        return json.dumps([r.to_json() for r in rows], indent=2)
+    if fmt == "csv":
+        return _csv(rows)
+    if not rows:
+        return f"no runs in {where}"
+    text = _report(rows, metric, group_by, f"Runs in {where}", markdown=fmt == "markdown")
+    return text + (f"\n\nplot written to {plot}" if plot is not None else "")
+
+
+def _csv(rows: list[RunRow]) -> str:
+    metric_keys = sorted({k for r in rows for k in r.metrics})
+    buf = io.StringIO()
+    writer = csv.writer(buf, lineterminator="\n")
+    writer.writerow(["run_id", "run_name", "experiment", "method", "group", "status", "duration_s",
+                     *_KEY_PARAMS, *metric_keys])
+    for r in rows:
+        writer.writerow([r.run_id, r.run_name, r.experiment, r.method, r.group, r.status,
+                         "" if r.duration_s is None else round(r.duration_s, 1),
+                         *(r.params.get(p, "") for p in _KEY_PARAMS), *(r.metrics.get(k, "") for k in metric_keys)])
+    return buf.getvalue().rstrip("\n")
+
+
+def _report(rows: list[RunRow], metric: str, group_by: str, title: str, markdown: bool) -> str:
+    """The runs table (``metric`` first, then the other validation metrics), then mean ± std per group."""
+    shown = [metric] + sorted({k for r in rows for k in r.metrics if k.startswith("val_") and k != metric})
+    extra_group = [] if group_by == "method" else [group_by]
+    header = ["run_id", "run_name", "method", *extra_group, "seed", "segmentor", "epochs", *shown,
+              "duration", "status"]
+    body = [[r.run_id[:8], r.run_name, r.method, *([r.group] if extra_group else []), r.params.get("seed", "-"),
+             r.params.get("model.segmentor", "-"), r.params.get("train.epochs", "-"),
+             *(_fmt(r.metrics.get(k)) for k in shown), _fmt_duration(r.duration_s), r.status] for r in rows]
+    goal = {"max": "higher is better", "min": "lower is better", "last": "last value"}[metric_goal(metric)]
+    parts = [f"{title}, best value per run, sorted by {metric} ({goal}):", "", _render_table(header, body, markdown)]
+    stats = group_stats(rows, [k for k in shown if k.startswith(("val_dice", metric))] or [metric])
+    if stats:
+        keys = [k for k in stats[0] if k not in ("group", "runs")]
+        g_body = [[s["group"], str(s["runs"]), *(("-" if s[k] is None else f"{s[k][0]:.4f} ± {s[k][1]:.4f}")
+                                                 for k in keys)] for s in stats]
+        parts += ["", f"Mean ± std per {group_by} over FINISHED runs (seeds):", "",
+                  _render_table([group_by, "runs", *keys], g_body, markdown)]
+    others = sum(r.status != "FINISHED" for r in rows)
+    if others:
+        parts += ["", f"{others} run(s) not FINISHED are listed above but not averaged."]
+    return "\n".join(parts)

@@ -20,10 +20,9 @@ from typing import Any
 
 from mlflow.entities import Metric, Param, RunTag
 from mlflow.exceptions import MlflowException
-from mlflow.tracking import MlflowClient
 
 from segan.tracking.model import log_segmentor_model
-from segan.tracking.store import get_or_create_experiment, is_transient, short, slug
+from segan.tracking.store import get_or_create_experiment, is_transient, make_client, short, slug
 from segan.tracking.unsent import Op, metric_to_dict, write_unsent
 
 log = logging.getLogger(__name__)
@@ -47,7 +46,7 @@ class RunOutbox:
         self.run_id: str | None = resume_run_id
         self.model_uri: str | None = None  # models:/<id> of the last logged segmentor
         self.spill_dir = Path(spill_dir) if spill_dir else None
-        self._client = MlflowClient(uri)
+        self._client = make_client(uri)
         self._tags = {str(k): str(v) for k, v in (tags or {}).items()}
         if parent_run_id:
             self._tags["mlflow.parentRunId"] = parent_run_id

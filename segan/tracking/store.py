@@ -72,7 +72,7 @@ def open_store(tracking_uri: str | None) -> tuple[MlflowClient, str]:
     if db is not None and not db.is_file():
         raise UserError(f"no MLflow store at {db}; train a model first (segan train), or pass --tracking-uri / "
                         "set MLFLOW_TRACKING_URI")
-    return MlflowClient(uri), uri
+    return make_client(uri), uri
 
 
 def slug(name: str) -> str:
@@ -86,6 +86,33 @@ def artifact_location(uri: str, experiment: str) -> str | None:
     if db is None:
         return None
     return (db.absolute().parent / "artifacts" / slug(experiment)).as_uri()
+
+
+@contextlib.contextmanager
+def sqlite_create_lock(uri: str) -> Iterator[None]:
+    """Serialise processes touching a SQLite store first: two runs started together would
+    both run MLflow's schema migrations on a new file and one would crash
+    (``duplicate column name``). A no-op for other stores."""
+    db = sqlite_path(uri)
+    if db is None:
+        yield
+        return
+    import fcntl
+
+    db.parent.mkdir(parents=True, exist_ok=True)
+    with open(db.parent / f".{db.name}.lock", "a") as fh:
+        fcntl.flock(fh, fcntl.LOCK_EX)
+        try:
+            yield
+        finally:
+            fcntl.flock(fh, fcntl.LOCK_UN)
+
+
+def make_client(uri: str) -> MlflowClient:
+    """An ``MlflowClient`` whose store is opened (and, for a new SQLite file, created and
+    migrated) while holding :func:`sqlite_create_lock`."""
+    with sqlite_create_lock(uri):  # MlflowClient opens (creates, migrates) a SQLite store at once
+        return MlflowClient(uri)
 
 
 def get_or_create_experiment(client: MlflowClient, uri: str, name: str) -> str:
@@ -113,7 +140,11 @@ def is_transient(exc: BaseException) -> bool:
     if isinstance(exc, MlflowException):
         status = exc.get_http_status_code()
         return status >= 500 or status in (408, 429)
-    return isinstance(exc, OSError)
+    try:  # a busy or locked SQLite file is worth another try too
+        from sqlalchemy.exc import OperationalError
+    except ImportError:  # pragma: no cover - sqlalchemy ships with mlflow
+        OperationalError = ()  # noqa: N806
+    return isinstance(exc, (OSError, OperationalError))
 
 
 def short(exc: BaseException) -> str:

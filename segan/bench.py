@@ -1,0 +1,614 @@
+"""``segan bench``: eager vs fast training throughput, memory, loader rate, FLOPs/MFU, inference time.
+
+Everything is measured in one process on one device:
+
+- **train**: the same model (config's method, segmentor, critic, batch size, patch size)
+  in two modes. ``eager`` is how the reference code works: fp32, contiguous tensors,
+  separate critic passes for fake and real, weight clamp in a Python loop, the target
+  branch recorded by autograd, plain (foreach) Adam, no ``cudnn.benchmark``, no compile.
+  ``fast`` takes the config's switches (all on by default): bf16 autocast, channels-last,
+  one critic pass over ``[fake; real]``, foreach clamp, target branch under ``no_grad``,
+  fused Adam, ``cudnn.benchmark`` and ``torch.compile`` when ``train.compile`` is set
+  (AMP, channels-last and fused Adam act on CUDA only; the Trainer ignores them on CPU).
+  Batches are synthetic (random image, nested random 0/1 regions) and already on the
+  device, so the loader is excluded; warm-up steps are excluded. The two modes alternate
+  step by step on CPU (in 5 blocks on CUDA, synchronised at block edges only) so that
+  load from other processes hits both alike; the per-step time is the median over blocks.
+- **FLOPs** of one training step (``torch.utils.flop_counter``: convolutions and matrix
+  products, forward and backward), achieved TFLOP/s and MFU against the device's peak
+  (CUDA: a table of datasheet dense peaks; CPU: an estimate, see :func:`cpu_peak`).
+- **memory**: CUDA ``max_memory_allocated`` of each mode's step; on CPU the process's
+  peak resident set (VmHWM, reset per mode) and ``ru_maxrss`` for the whole run.
+- **loader**: samples/s of the real training loader on the config's data (``data.root``),
+  or on a small generated phantom set when that folder does not exist.
+- **inference**: seconds per volume through :func:`segan.sliding.predict_volume` (2D slice
+  by slice, 3D sliding window at ``post.overlap``) for a BraTS-sized ``C x 240 x 240 x 155``
+  and a phantom-sized ``C x 96 x 96 x 96`` random volume, with the fast-mode segmentor.
+"""
+
+from __future__ import annotations
+
+import copy
+import json
+import math
+import os
+import platform
+import re
+import resource
+import statistics
+import sys
+import tempfile
+import time
+from dataclasses import dataclass
+from pathlib import Path
+
+import torch
+
+from segan.config import Config, load_config, to_dict
+from segan.errors import UserError
+
+MODES = ("eager", "fast")
+BRATS_SHAPE = (240, 240, 155)
+PHANTOM_SHAPE = (96, 96, 96)
+# Used when the config does not name its channels / regions: BraTS-like inputs.
+DEFAULT_CHANNELS = ["T1", "T1ce", "T2", "FLAIR"]
+DEFAULT_REGIONS = {"whole_tumour": [1, 2, 3], "tumour_core": [2, 3], "enhancing": [3]}
+
+# Dense (no sparsity) datasheet peaks in TFLOP/s, matched by substring of
+# torch.cuda.get_device_name(), most specific first.
+CUDA_PEAKS: list[tuple[str, dict[str, float]]] = [
+    ("H200 NVL", {"bf16": 835.0, "tf32": 418.0, "fp32": 60.0}),
+    ("H200", {"bf16": 989.4, "tf32": 494.7, "fp32": 66.9}),
+    ("GH200", {"bf16": 989.4, "tf32": 494.7, "fp32": 66.9}),
+    ("H100 NVL", {"bf16": 835.0, "tf32": 418.0, "fp32": 60.0}),
+    ("H100 PCIe", {"bf16": 756.0, "tf32": 378.0, "fp32": 51.2}),
+    ("H100", {"bf16": 989.4, "tf32": 494.7, "fp32": 66.9}),  # SXM ("H100 80GB HBM3")
+    ("H800", {"bf16": 989.4, "tf32": 494.7, "fp32": 66.9}),
+    ("B200", {"bf16": 2250.0, "tf32": 1100.0, "fp32": 75.0}),
+    ("A100", {"bf16": 312.0, "tf32": 156.0, "fp32": 19.5}),
+    ("A800", {"bf16": 312.0, "tf32": 156.0, "fp32": 19.5}),
+    ("L40S", {"bf16": 362.0, "tf32": 183.0, "fp32": 91.6}),
+    ("L40", {"bf16": 181.0, "tf32": 90.5, "fp32": 90.5}),
+    ("L4", {"bf16": 121.0, "tf32": 60.0, "fp32": 30.3}),
+    ("A10G", {"bf16": 70.0, "tf32": 35.0, "fp32": 31.2}),
+    ("A10", {"bf16": 125.0, "tf32": 62.5, "fp32": 31.2}),
+    ("RTX 4090", {"bf16": 165.2, "tf32": 82.6, "fp32": 82.6}),
+    ("RTX 3090", {"bf16": 71.0, "tf32": 35.6, "fp32": 35.6}),
+    ("V100", {"fp16": 125.0, "fp32": 15.7}),
+    ("T4", {"fp16": 65.0, "fp32": 8.1}),
+]
+
+
+# ---------------------------------------------------------------- device peaks
+def cuda_peak(name: str) -> dict[str, float] | None:
+    """Datasheet dense TFLOP/s per dtype for a CUDA device name, or None when unknown."""
+    for key, peaks in CUDA_PEAKS:
+        if key.lower() in name.lower():
+            return dict(peaks)
+    return None
+
+
+def cpu_peak(cpuinfo: str, threads: int, cpus: set[int] | None = None) -> dict:
+    """Estimated fp32 peak of the cores this process computes on, from ``/proc/cpuinfo`` text.
+
+    ``physical cores used x GHz x FLOP/cycle``: cores = distinct (socket, core) pairs among
+    the CPUs we may run on (``cpus``, default all), capped at ``threads``; GHz = the highest
+    ``cpu MHz`` listed (the current clock, not a guaranteed boost); FLOP/cycle (fp32, two
+    FMA units): AVX-512 64, AVX2+FMA 32, AVX 16, else 8. An upper-bound estimate: AMD Zen 4
+    executes AVX-512 as two 256-bit halves (really 32 FLOP/cycle), and clocks drop under
+    wide vector load. Returns ``{"tflops": {"fp32": x}, "cores", "ghz", "flop_per_cycle", "model", "note"}``.
+    """
+    blocks = [b for b in cpuinfo.strip().split("\n\n") if b.strip()]
+    cores: set[tuple[str, str]] = set()
+    mhz, flags, model = 0.0, set(), "unknown CPU"
+    for block in blocks:
+        fields = {}
+        for line in block.splitlines():
+            key, _, value = line.partition(":")
+            fields[key.strip()] = value.strip()
+        proc = int(fields.get("processor", "-1") or -1)
+        if cpus is not None and proc not in cpus:
+            continue
+        cores.add((fields.get("physical id", "0"), fields.get("core id", str(proc))))
+        try:
+            mhz = max(mhz, float(fields.get("cpu MHz", "0")))
+        except ValueError:
+            pass
+        flags |= set(fields.get("flags", "").split())
+        model = fields.get("model name", model)
+    n = max(1, min(len(cores) or 1, max(threads, 1)))
+    if "avx512f" in flags:
+        per_cycle, isa = 64, "AVX-512"
+    elif "avx2" in flags and "fma" in flags:
+        per_cycle, isa = 32, "AVX2+FMA"
+    elif "avx" in flags:
+        per_cycle, isa = 16, "AVX"
+    else:
+        per_cycle, isa = 8, "SSE"
+    ghz = mhz / 1000 if mhz > 0 else 2.0
+    tflops = n * ghz * per_cycle / 1000
+    note = (f"estimate: {n} cores x {ghz:.2f} GHz x {per_cycle} fp32 FLOP/cycle ({isa}, 2 FMA units)"
+            + ("" if mhz > 0 else "; clock unknown, 2 GHz assumed"))
+    return {"tflops": {"fp32": tflops}, "cores": n, "ghz": ghz, "flop_per_cycle": per_cycle, "model": model,
+            "note": note}
+
+
+def device_info(device: torch.device) -> dict:
+    """Name, peak TFLOP/s per dtype (or None) and where the peak comes from."""
+    if device.type == "cuda":
+        name = torch.cuda.get_device_name(device)
+        peaks = cuda_peak(name)
+        props = torch.cuda.get_device_properties(device)
+        return {"type": "cuda", "name": name, "memory_gb": props.total_memory / 1e9,
+                "peak_tflops": peaks, "peak_note": "datasheet dense peak" if peaks else
+                f"unknown device {name!r}: no MFU (add it to segan.bench.CUDA_PEAKS)"}
+    threads = torch.get_num_threads()
+    try:
+        text = Path("/proc/cpuinfo").read_text()
+        cpus = set(os.sched_getaffinity(0)) if hasattr(os, "sched_getaffinity") else None
+    except OSError:
+        text, cpus = "", None
+    est = cpu_peak(text, threads, cpus)
+    name = est["model"] if est["model"] != "unknown CPU" else (platform.processor() or "CPU")
+    return {"type": "cpu", "name": name, "threads": threads, "peak_tflops": est["tflops"], "peak_note": est["note"]}
+
+
+# ---------------------------------------------------------------- synthetic data
+def synthetic_batch(batch_size: int, channels: int, regions: int, patch_size: list[int], device: torch.device,
+                    foreground: float = 0.1, seed: int = 0) -> tuple[torch.Tensor, torch.Tensor]:
+    """Random image ``(N, C, *patch)`` and nested 0/1 regions ``(N, K, *patch)``, both float32.
+
+    Each sample thresholds one smooth random field: region k covers ``foreground / 2**k`` of
+    the patch in a few blobs, inside region k-1 (like whole tumour > core > enhancing).
+    """
+    g = torch.Generator().manual_seed(seed)
+    dims = len(patch_size)
+    image = torch.randn(batch_size, channels, *patch_size, generator=g)
+    low = [max(4, p // 16) for p in patch_size]
+    field = torch.nn.functional.interpolate(torch.rand(batch_size, 1, *low, generator=g), size=list(patch_size),
+                                            mode="bilinear" if dims == 2 else "trilinear", align_corners=False)
+    field += 1e-4 * torch.rand(field.shape, generator=g)  # no ties on the flat borders of the upsampling
+    flat = field.flatten(1)
+    masks = []
+    for k in range(regions):
+        share = foreground / 2 ** k
+        kth = max(1, min(flat.shape[1], int(round(flat.shape[1] * (1 - share)))))
+        threshold = flat.kthvalue(kth, dim=1).values.view(-1, *([1] * (dims + 1)))
+        masks.append((field > threshold).float())
+    target = torch.cat(masks, 1)
+    return image.to(device), target.to(device)
+
+
+def synthetic_bundle(cfg: Config):
+    """A :class:`segan.data.DataBundle` describing synthetic batches (no training set, no validation)."""
+    from segan.data import DataBundle
+
+    channels = list(cfg.data.channels or DEFAULT_CHANNELS)
+    regions = dict(cfg.data.regions or DEFAULT_REGIONS)
+    labels = sorted({i for ids in regions.values() for i in ids})
+    return DataBundle(train_set=None, val_cases=[], channels=channels, region_names=list(regions),
+                      region_labels=[list(v) for v in regions.values()],
+                      label_names={0: "background", **{i: f"label_{i}" for i in labels}},
+                      preprocess_spec={}, datalist={}, dataset_name="synthetic")
+
+
+# ---------------------------------------------------------------- modes
+def mode_config(cfg: Config, mode: str) -> Config:
+    """The config of one mode: ``eager`` turns every speed switch off, ``fast`` keeps the config's."""
+    c = copy.deepcopy(cfg)
+    c.train.progress = False
+    c.train.deterministic = False
+    if mode == "eager":
+        t = c.train
+        t.amp = t.channels_last = t.compile = t.cudnn_benchmark = False
+        t.fused_critic = t.foreach_clamp = t.target_no_grad = False
+        c.optim.fused = False
+    return c
+
+
+def switches(cfg: Config) -> dict:
+    t = cfg.train
+    return {"amp_bf16": t.amp, "channels_last": t.channels_last, "fused_critic": t.fused_critic,
+            "foreach_clamp": t.foreach_clamp, "target_no_grad": t.target_no_grad, "fused_optim": cfg.optim.fused,
+            "cudnn_benchmark": t.cudnn_benchmark, "compile": t.compile}
+
+
+def _sync(device: torch.device) -> None:
+    if device.type == "cuda":
+        torch.cuda.synchronize(device)
+
+
+def _reset_host_peak() -> bool:
+    """Reset the process's peak RSS (Linux >= 4.0); False where that is not possible."""
+    try:
+        Path("/proc/self/clear_refs").write_text("5")
+        return True
+    except OSError:
+        return False
+
+
+def _host_peak_gb() -> float:
+    """VmHWM (peak RSS since the last reset) where readable, else ru_maxrss (whole run)."""
+    try:
+        match = re.search(r"VmHWM:\s+(\d+)\s+kB", Path("/proc/self/status").read_text())
+        if match:
+            return int(match.group(1)) * 1024 / 1e9
+    except OSError:
+        pass
+    return _ru_maxrss_gb()
+
+
+def _ru_maxrss_gb() -> float:
+    scale = 1 if sys.platform == "darwin" else 1024  # bytes on macOS, KiB on Linux
+    return resource.getrusage(resource.RUSAGE_SELF).ru_maxrss * scale / 1e9
+
+
+@dataclass
+class ModeRunner:
+    """A Trainer in one mode plus its synthetic batch on the device."""
+
+    mode: str
+    cfg: Config
+    trainer: object
+    image: torch.Tensor
+    target: torch.Tensor
+    w_adv: float
+    losses: torch.Tensor
+    n_steps: int = 0
+
+    @classmethod
+    def build(cls, cfg: Config, mode: str, device: torch.device, out_dir: Path) -> "ModeRunner":
+        from segan.runtime import DistContext
+        from segan.training import Trainer
+
+        c = mode_config(cfg, mode)
+        c.train.device = str(device)
+        torch.manual_seed(cfg.seed)  # both modes start from the same weights
+        trainer = Trainer(c, out_dir, DistContext(), data=synthetic_bundle(c))
+        image, target = synthetic_batch(c.train.batch_size, len(trainer.data.channels),
+                                        len(trainer.data.region_names), c.data.patch_size, trainer.device,
+                                        seed=cfg.seed)
+        # the adversarial term on, so both critic passes of SegAN's step run
+        w_adv = c.method.w_adv if c.method.w_adv > 0 else 0.1
+        return cls(mode, c, trainer, image, target, w_adv, torch.zeros(3, device=trainer.device))
+
+    def activate(self) -> None:
+        """Global flags are per mode (the Trainer sets them at construction)."""
+        if self.trainer.device.type == "cuda":
+            torch.backends.cudnn.benchmark = bool(self.cfg.train.cudnn_benchmark)
+
+    def step(self) -> None:
+        image, target = self.image, self.target
+        fmt = self.trainer.memory_format
+        if fmt is not None:  # as train_epoch does with each loaded batch
+            image, target = image.contiguous(memory_format=fmt), target.contiguous(memory_format=fmt)
+        self.losses += self.trainer.train_step(image, target, self.w_adv)
+        self.n_steps += 1
+
+    def run(self, n: int) -> float:
+        """Seconds per step over ``n`` steps (device synchronised at both ends)."""
+        self.activate()
+        device = self.trainer.device
+        _sync(device)
+        start = time.perf_counter()
+        for _ in range(n):
+            self.step()
+        _sync(device)
+        return (time.perf_counter() - start) / max(n, 1)
+
+
+def _blocks(steps: int, rounds: int = 5) -> list[int]:
+    """Split ``steps`` into at most ``rounds`` nearly equal blocks."""
+    rounds = max(1, min(rounds, steps))
+    return [steps // rounds + (1 if i < steps % rounds else 0) for i in range(rounds)]
+
+
+def _build_and_warm(cfg: Config, mode: str, device: torch.device, out_dir: Path,
+                    warmup: int) -> tuple[ModeRunner, dict]:
+    """Build one mode, warm it up and measure its peak memory over one more step.
+
+    With ``train.compile`` a failure at the first compiled step (where torch.compile really
+    runs) falls back to eager execution of that mode and is reported.
+    """
+    info: dict = {}
+    base = 0
+    if device.type == "cuda":
+        _sync(device)
+        base = torch.cuda.memory_allocated(device)
+    runner = ModeRunner.build(cfg, mode, device, out_dir)
+    try:
+        runner.run(warmup)
+    except Exception as exc:  # noqa: BLE001 - any compiler/backend failure -> eager fallback
+        if not runner.cfg.train.compile:
+            raise
+        msg = f"{type(exc).__name__}: {str(exc).splitlines()[0] if str(exc) else ''}"[:300]
+        print(f"warning: torch.compile failed in {mode} mode ({msg}); measuring it without compile", file=sys.stderr)
+        info["compile_error"] = msg
+        fallback = copy.deepcopy(cfg)
+        fallback.train.compile = False
+        del runner
+        runner = ModeRunner.build(fallback, mode, device, out_dir)
+        runner.run(warmup)
+    # peak memory of one steady-state step
+    if device.type == "cuda":
+        _sync(device)
+        torch.cuda.reset_peak_memory_stats(device)
+        runner.run(1)
+        info["peak_mem_gb"] = (torch.cuda.max_memory_allocated(device) - base) / 1e9
+        info["peak_mem_kind"] = "cuda max_memory_allocated of one step, this mode's tensors only"
+    else:
+        exact = _reset_host_peak()
+        runner.run(1)
+        info["peak_mem_gb"] = _host_peak_gb()
+        info["peak_mem_kind"] = ("host peak RSS of one step (whole process)" if exact
+                                 else "host peak RSS of the process so far (ru_maxrss)")
+    return runner, info
+
+
+def count_flops(runner: ModeRunner) -> int:
+    """FLOPs of one training step (conv / matmul, forward + backward) via FlopCounterMode."""
+    from torch.utils.flop_counter import FlopCounterMode
+
+    runner.activate()
+    with FlopCounterMode(display=False) as counter:
+        runner.step()
+    _sync(runner.trainer.device)
+    return int(counter.get_total_flops())
+
+
+def _compute_dtype(runner: ModeRunner) -> str:
+    if runner.trainer.amp:
+        return "bf16"
+    if runner.trainer.device.type == "cuda" and torch.backends.cudnn.allow_tf32:
+        return "tf32"  # PyTorch's default for convolutions on Ampere and newer
+    return "fp32"
+
+
+def bench_train(cfg: Config, device: torch.device, steps: int, warmup: int | None = None) -> tuple[dict, ModeRunner]:
+    """Eager vs fast training-step figures; returns them and the fast runner (for inference)."""
+    warmup = warmup if warmup is not None else (3 if device.type == "cuda" else 1)
+    peaks = device_info(device)["peak_tflops"] or {}
+    with tempfile.TemporaryDirectory(prefix="segan-bench-") as tmp:
+        runners: dict[str, ModeRunner] = {}
+        out: dict = {}
+        for mode in MODES:
+            runners[mode], out[mode] = _build_and_warm(cfg, mode, device, Path(tmp), warmup)
+        flops = count_flops(runners["eager"])
+        times: dict[str, list[float]] = {m: [] for m in MODES}
+        # CPU steps are synchronous: alternate every step (finest interleaving against load
+        # from other processes); CUDA: a few blocks, so block-edge syncs do not stall the queue
+        blocks = _blocks(steps, rounds=5 if device.type == "cuda" else steps)
+        for i, n in enumerate(blocks):
+            order = MODES if i % 2 == 0 else MODES[::-1]  # alternate who goes first: drift hits both alike
+            for mode in order:
+                times[mode].append(runners[mode].run(n))
+        for mode in MODES:
+            r = runners[mode]
+            step_s = statistics.median(times[mode])
+            batch = r.cfg.train.batch_size
+            losses = (r.losses / max(r.n_steps, 1)).tolist()  # mean over every step run
+            tflops = flops / step_s / 1e12
+            dtype = _compute_dtype(r)
+            peak = peaks.get(dtype)
+            out[mode].update(
+                step_s=step_s, step_s_blocks=times[mode], samples_per_s=batch / step_s,
+                voxels_per_s=batch * math.prod(r.cfg.data.patch_size) / step_s, tflops=tflops,
+                compute_dtype=dtype, mfu=(tflops / peak) if peak else None, switches=switches(r.cfg),
+                mean_losses=dict(zip(("seg", "adv", "critic"), losses)),
+                finite=all(math.isfinite(v) for v in losses))
+        fast = runners["fast"]
+        del runners["eager"]
+        info = {"batch_size": cfg.train.batch_size, "patch_size": list(cfg.data.patch_size),
+                "spatial_dims": cfg.data.spatial_dims, "method": cfg.method.name,
+                "channels": len(fast.trainer.data.channels), "regions": len(fast.trainer.data.region_names),
+                "segmentor_params": sum(p.numel() for p in fast.trainer.segmentor.parameters()),
+                "critic_params": sum(p.numel() for p in fast.trainer.critic.parameters()) if fast.trainer.critic
+                else 0, "steps": steps, "warmup": warmup, "blocks": blocks,
+                "flops_per_step": flops}
+    return {**info, **out, "speedup": out["eager"]["step_s"] / out["fast"]["step_s"]}, fast
+
+
+# ---------------------------------------------------------------- inference
+def bench_inference(runner: ModeRunner, cfg: Config, repeats: int | None = None) -> dict:
+    """Seconds per BraTS-sized and phantom-sized random volume with the fast segmentor."""
+    from segan.sliding import predict_volume
+
+    trainer = runner.trainer
+    device, dims = trainer.device, cfg.data.spatial_dims
+    model = trainer.segmentor.eval()
+    n_ch = len(trainer.data.channels)
+    runner.activate()
+
+    def once(volume: torch.Tensor) -> float:
+        _sync(device)
+        start = time.perf_counter()
+        predict_volume(model, volume, dims, roi_size=list(cfg.data.patch_size), sw_batch_size=cfg.post.sw_batch_size,
+                       overlap=cfg.post.overlap, amp=trainer.amp)
+        _sync(device)
+        return time.perf_counter() - start
+
+    out: dict = {"mode": "fast", "method": "slice by slice" if dims == 2 else
+                 f"sliding window {list(cfg.data.patch_size)} overlap {cfg.post.overlap}",
+                 "amp_bf16": trainer.amp}
+    g = torch.Generator().manual_seed(0)
+    for key, shape in (("phantom", PHANTOM_SHAPE), ("brats", BRATS_SHAPE)):
+        volume = torch.randn(n_ch, *shape, generator=g).to(device)
+        # CUDA: warm each shape (cudnn.benchmark picks kernels per shape); CPU: the phantom warms
+        warm = device.type == "cuda" or key == "phantom"
+        if warm:
+            once(volume)
+        n = repeats or (3 if device.type == "cuda" or key == "phantom" else 1)
+        runs = [once(volume) for _ in range(n)]
+        out[f"{key}_volume_s"] = statistics.median(runs)
+        out[f"{key}_shape"] = [n_ch, *shape]
+        out[f"{key}_runs_s"] = runs
+        del volume
+    model.train()
+    return out
+
+
+# ---------------------------------------------------------------- loader
+def _has_data(cfg: Config) -> bool:
+    return bool(cfg.data.datalist and Path(cfg.data.datalist).is_file()) or Path(cfg.data.root).is_dir()
+
+
+def bench_loader(cfg: Config, device: torch.device, batches: int = 10, phantom_cases: int = 4,
+                 phantom_size: int = 96) -> dict:
+    """Samples/s of the training loader (``make_loader`` over ``PatchDataset``).
+
+    Uses the config's data when ``data.root`` (or ``data.datalist``) exists, else a small
+    phantom set generated in a temporary folder. Preprocessing (cached) and the first
+    batch (worker start-up) are not timed; ``batches`` batches after it are.
+    """
+    from segan.data import build_data, make_loader
+
+    c = copy.deepcopy(cfg)
+    with tempfile.TemporaryDirectory(prefix="segan-bench-data-") as tmp:
+        if _has_data(c):
+            source = f"config data ({c.data.datalist or c.data.root})"
+        else:
+            from data_prep.phantoms import generate
+
+            root = Path(tmp) / "phantoms"
+            generate(root, cases=phantom_cases, size=phantom_size, seed=c.seed, test_fraction=0.0)
+            c.data.root, c.data.datalist = str(root), None
+            c.preprocess.cache_dir = str(Path(tmp) / "cache")
+            c.data.val_fraction = max(c.data.val_fraction, 1 / phantom_cases)
+            source = (f"generated phantoms ({phantom_cases} cases of {phantom_size}^3; "
+                      f"{cfg.data.root} not found)")
+        data = build_data(c)
+        batch = c.train.batch_size
+        loader = make_loader(data.train_set, batch, c.data.num_workers, seed=c.seed,
+                             pin_memory=device.type == "cuda")
+        data.train_set.set_epoch(0)
+        start = time.perf_counter()
+        it = iter(loader)
+        next(it)
+        first = time.perf_counter() - start
+        n, seen = 0, 0
+        start = time.perf_counter()
+        while n < batches:
+            try:
+                b = next(it)
+            except StopIteration:
+                data.train_set.set_epoch(data.train_set.epoch + 1)
+                it = iter(loader)
+                continue
+            seen += b["image"].shape[0]
+            n += 1
+        elapsed = time.perf_counter() - start
+        del it, loader
+    return {"samples_per_s": seen / max(elapsed, 1e-9), "batches": n, "batch_size": batch,
+            "num_workers": c.data.num_workers, "first_batch_s": first, "source": source}
+
+
+# ---------------------------------------------------------------- entry point
+def _resolve(device: str) -> torch.device:
+    if device == "auto":
+        return torch.device("cuda" if torch.cuda.is_available() else "cpu")
+    if device.startswith("cuda") and not torch.cuda.is_available():
+        raise UserError(f"--device {device}: CUDA is not available on this machine; use --device cpu")
+    return torch.device(device)
+
+
+def run_bench(config: str, overrides: list[str] | None = None, device: str = "auto", steps: int = 20,
+              json_out: Path | None = None) -> str:
+    """Run every measurement for ``config`` on ``device``; write JSON to ``json_out``; return a summary."""
+    if steps < 1:
+        raise UserError(f"--steps {steps}: need at least 1 timed step per mode")
+    cfg = load_config(config, list(overrides or []))
+    dev = _resolve(device)
+    if dev.type == "cuda" and dev.index is None:
+        dev = torch.device("cuda", torch.cuda.current_device())
+    if cfg.train.threads:
+        torch.set_num_threads(cfg.train.threads)
+    hw = device_info(dev)
+    load_start = _load_avg()
+    started = time.perf_counter()
+    train, fast = bench_train(cfg, dev, steps)
+    inference = bench_inference(fast, cfg)
+    del fast
+    loader = bench_loader(cfg, dev)
+    loader["vs_train_fast"] = loader["samples_per_s"] / train["fast"]["samples_per_s"]
+    result = {
+        "device": f"{dev.type}: {hw['name']}" + (f" ({hw['threads']} threads)" if dev.type == "cpu" else ""),
+        "config": str(config),
+        "overrides": list(overrides or []),
+        "hardware": hw,
+        "torch": torch.__version__,
+        "cuda": torch.version.cuda,
+        "host": {"platform": platform.platform(), "python": platform.python_version(),
+                 "peak_rss_gb": _ru_maxrss_gb(), "load_avg_1min_start": load_start, "load_avg_1min_end": _load_avg()},
+        "time": time.strftime("%Y-%m-%dT%H:%M:%S%z"),
+        "wall_s": time.perf_counter() - started,
+        "train": train,
+        "inference": inference,
+        "loader": loader,
+        "resolved_config": to_dict(cfg),
+    }
+    busy = [v for v in (load_start, result["host"]["load_avg_1min_end"]) if v is not None and v > (os.cpu_count() or 1)]
+    if dev.type == "cpu" and busy:
+        result["warning"] = (f"the machine was busy (load average {max(busy):.1f} on {os.cpu_count()} CPUs): CPU "
+                             "figures are noisy; repeat, or compare with --set train.threads=1")
+    if json_out is not None:
+        from segan.io_utils import atomic_write_text
+
+        Path(json_out).parent.mkdir(parents=True, exist_ok=True)
+        atomic_write_text(Path(json_out), json.dumps(result, indent=1, default=str) + "\n")
+    return summarize(result) + (f"\nJSON: {json_out}" if json_out is not None else "")
+
+
+def _load_avg() -> float | None:
+    """1-minute load average: how busy the machine was (other processes skew CPU figures)."""
+    return os.getloadavg()[0] if hasattr(os, "getloadavg") else None
+
+
+def _fmt(value, spec: str = ".3g", none: str = "n/a") -> str:
+    return none if value is None else format(value, spec)
+
+
+def summarize(result: dict) -> str:
+    """A readable table of a bench result (the dict :func:`run_bench` writes as JSON)."""
+    t, inf, ld, hw = result["train"], result["inference"], result["loader"], result["hardware"]
+    peak = hw.get("peak_tflops") or {}
+    peak_txt = ", ".join(f"{k} {v:g} TFLOP/s" for k, v in peak.items()) or "unknown"
+    spatial = "x".join(map(str, t["patch_size"]))
+    rows = [
+        ("s/step", "step_s", ".3g"), ("samples/s", "samples_per_s", ".4g"), ("Mvoxel/s", "voxels_per_s", None),
+        ("TFLOP/s", "tflops", ".3g"), ("MFU", "mfu", ".1%"), ("peak mem GB", "peak_mem_gb", ".3g"),
+        ("dtype", "compute_dtype", "s"),
+    ]
+    lines = [
+        f"segan bench {result['config']} on {result['device']}",
+        f"  peak: {peak_txt} ({hw.get('peak_note', '')})",
+        f"  model: {t['method']} {t['spatial_dims']}D, batch {t['batch_size']} x {t['channels']}x{spatial}, "
+        f"segmentor {t['segmentor_params'] / 1e6:.2f} M params, critic {t['critic_params'] / 1e6:.2f} M params, "
+        f"{t['flops_per_step'] / 1e9:.1f} GFLOP/step",
+        f"  {'train step':<14}{'eager':>12}{'fast':>12}",
+    ]
+    for label, key, spec in rows:
+        vals = []
+        for mode in MODES:
+            v = t[mode].get(key)
+            if key == "voxels_per_s":
+                vals.append(f"{v / 1e6:.3g}")
+            else:
+                vals.append(_fmt(v, spec))
+        lines.append(f"  {label:<14}{vals[0]:>12}{vals[1]:>12}")
+    notes = [f"{m}: {t[m]['compile_error']}" for m in MODES if t[m].get("compile_error")]
+    lines += [
+        f"  speedup fast/eager: {t['speedup']:.2f}x (median of {len(t['blocks'])} alternating blocks, "
+        f"{t['steps']} steps per mode, {t['warmup']} warm-up)" + (f"; compile failed: {'; '.join(notes)}" if notes
+                                                                  else ""),
+        f"  loader: {ld['samples_per_s']:.4g} samples/s ({ld['num_workers']} workers, {ld['source']}) = "
+        f"{ld['vs_train_fast']:.3g}x the fast step's consumption",
+        f"  inference ({inf['method']}): BraTS-sized {'x'.join(map(str, inf['brats_shape']))} "
+        f"{inf['brats_volume_s']:.3g} s; phantom {'x'.join(map(str, inf['phantom_shape']))} "
+        f"{inf['phantom_volume_s']:.3g} s",
+        f"  host peak RSS {result['host']['peak_rss_gb']:.2f} GB; load average "
+        f"{_fmt(result['host']['load_avg_1min_start'], '.1f')} -> {_fmt(result['host']['load_avg_1min_end'], '.1f')}; "
+        f"bench took {result['wall_s']:.0f} s",
+    ]
+    if result.get("warning"):
+        lines.append(f"  warning: {result['warning']}")
+    return "\n".join(lines)

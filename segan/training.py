@@ -247,9 +247,15 @@ class Trainer:
                     sched.step(progress)
             last = self.epoch >= cfg.train.epochs or out_of_time
             record = {"epoch": self.epoch, **stats, "lr": self.opt_seg.param_groups[0]["lr"]}
+            improved = False
             if self.dist.is_main and (self.epoch % cfg.train.val_every == 0 or last):
                 record.update(self.run_validation(final=last))
+                score = record.get("val_dice_mean", -math.inf)
+                improved = score > self.best_metric
+                self.best_metric = max(self.best_metric, score)
             self.history.append(record)
+            if improved:
+                self.save("best.pt")
             self.save("last.pt")
             self.tracker.log_metrics({k: v for k, v in record.items() if k != "epoch"}, step=self.epoch)
             if out_of_time:
@@ -265,10 +271,6 @@ class Trainer:
         res = validate(self.segmentor, cases, self.data.region_names, cfg.data.spatial_dims, cfg.data.patch_size,
                        self.device, cfg.post.threshold, self.amp, hd95=final, overlap=cfg.post.overlap,
                        sw_batch_size=cfg.post.sw_batch_size)
-        score = res.metrics.get("val_dice_mean", -math.inf)
-        if score > self.best_metric:
-            self.best_metric = score
-            self.save("best.pt")
         if res.overlay is not None and (self.epoch % max(cfg.tracking.overlay_every, 1) == 0 or final):
             self.tracker.log_overlay(*res.overlay, self.data.region_names, self.epoch)
         return res.metrics

@@ -90,6 +90,21 @@ def read_runs(uri: str, experiment: str) -> list[dict]:
     return json.loads(proc.stdout.strip().splitlines()[-1])
 
 
+def _free_port() -> int:
+    with socket.socket() as s:
+        s.bind(("127.0.0.1", 0))
+        return s.getsockname()[1]
+
+
+@pytest.fixture
+def dead_uri():
+    """``http://127.0.0.1:<port>`` where nothing answers: the port stays bound (not listening) by
+    this test, so no other process (a parallel test's server) can take it meanwhile."""
+    with socket.socket() as s:
+        s.bind(("127.0.0.1", 0))
+        yield f"http://127.0.0.1:{s.getsockname()[1]}"
+
+
 def tiny_config() -> Config:
     cfg = Config()
     cfg.experiment = "tracking-test"
@@ -288,7 +303,7 @@ def test_evaluate_logs_its_means_to_an_existing_run(tmp_path, new_store):
     assert run["metrics"]["eval_dice_mean"] == [[0, 0.75]]
 
 
-def test_log_metrics_to_run_errors_are_one_line(tmp_path, new_store):
+def test_log_metrics_to_run_errors_are_one_line(tmp_path, new_store, dead_uri):
     from segan.metrics import run_evaluate
 
     uri = new_store(tmp_path)
@@ -296,17 +311,16 @@ def test_log_metrics_to_run_errors_are_one_line(tmp_path, new_store):
     gone = client.create_run(client.create_experiment("e")).info.run_id
     client.delete_run(gone)
     missing = "0" * 32
-    dead = f"http://127.0.0.1:{_free_port()}"
     cases = [(missing, uri, f"MLflow run {missing}: not found in {uri}; pass a run id"),
              (gone, uri, f"MLflow run {gone}: deleted in {uri}"),
              (missing, f"sqlite:///{tmp_path}/none.db", f"no MLflow store at {tmp_path}/none.db"),
-             (missing, dead, f"MLflow store {dead}: not answering")]
+             (missing, dead_uri, f"MLflow store {dead_uri}: not answering")]
     for run_id, store, message in cases:
         t0 = time.monotonic()
         with pytest.raises(UserError) as err:
             tracking.log_metrics_to_run(run_id, {"eval_dice_mean": 0.5}, store)
-        assert str(err.value).startswith(message) and "\n" not in str(err.value)
-        assert time.monotonic() - t0 < 15  # a dead server fails in seconds (no retries, short timeout)
+        assert str(err.value).startswith(message) and "\n" not in str(err.value), str(err.value)
+    assert time.monotonic() - t0 < 15  # the dead server fails in seconds (no retries, short timeout)
     assert not (tmp_path / "none.db").exists()
     # `segan evaluate --run` passes the error on as it is, after the table and CSV are done.
     (tmp_path / "gt").mkdir()
@@ -316,12 +330,6 @@ def test_log_metrics_to_run_errors_are_one_line(tmp_path, new_store):
 
 
 # ------------------------------------------------------------------------- a real server
-def _free_port() -> int:
-    with socket.socket() as s:
-        s.bind(("127.0.0.1", 0))
-        return s.getsockname()[1]
-
-
 class MlflowServer:
     """``mlflow server`` on 127.0.0.1 (one worker, no job runner) that a test can kill and restart."""
 
@@ -417,11 +425,10 @@ def test_server_killed_mid_run_and_restarted_loses_nothing(server, tmp_path, cap
     assert run["artifacts"] == ["config.yaml", "overlays/epoch_003.png"]
 
 
-def test_store_gone_at_finish_spills_to_json_and_replays(tmp_path, caplog, new_store):
-    dead = f"http://127.0.0.1:{_free_port()}"
+def test_store_gone_at_finish_spills_to_json_and_replays(tmp_path, caplog, new_store, dead_uri):
     out = tmp_path / "outputs"
     out.mkdir()
-    tr = start(dead, name="never-reached", spill_dir=out)
+    tr = start(dead_uri, name="never-reached", spill_dir=out)
     tr.finish_timeout = 0.5
     for epoch in range(3):
         tr.log_metrics({"loss_seg": 1.0 - epoch / 10, "val_dice_mean": epoch / 10}, step=epoch)

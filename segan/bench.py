@@ -93,14 +93,15 @@ def cpu_peak(cpuinfo: str, threads: int, cpus: set[int] | None = None) -> dict:
 
     ``physical cores used x GHz x FLOP/cycle``: cores = distinct (socket, core) pairs among
     the CPUs we may run on (``cpus``, default all), capped at ``threads``; GHz = the highest
-    ``cpu MHz`` listed (the current clock, not a guaranteed boost); FLOP/cycle (fp32, two
-    FMA units): AVX-512 64, AVX2+FMA 32, AVX 16, else 8. An upper-bound estimate: AMD Zen 4
-    executes AVX-512 as two 256-bit halves (really 32 FLOP/cycle), and clocks drop under
-    wide vector load. Returns ``{"tflops": {"fp32": x}, "cores", "ghz", "flop_per_cycle", "model", "note"}``.
+    ``cpu MHz`` listed (often the base clock: turbo can exceed it, wide vector load can drop
+    below it); FLOP/cycle (fp32, two FMA units): AVX-512 64, AVX2+FMA 32, AVX 16, else 8,
+    except AMD family 25 (Zen 4), which runs AVX-512 as two 256-bit halves: 32. Intel parts
+    with a single AVX-512 FMA unit reach half the estimate. Returns
+    ``{"tflops": {"fp32": x}, "cores", "ghz", "flop_per_cycle", "model", "note"}``.
     """
     blocks = [b for b in cpuinfo.strip().split("\n\n") if b.strip()]
     cores: set[tuple[str, str]] = set()
-    mhz, flags, model = 0.0, set(), "unknown CPU"
+    mhz, flags, model, vendor, family = 0.0, set(), "unknown CPU", "", ""
     for block in blocks:
         fields = {}
         for line in block.splitlines():
@@ -116,8 +117,11 @@ def cpu_peak(cpuinfo: str, threads: int, cpus: set[int] | None = None) -> dict:
             pass
         flags |= set(fields.get("flags", "").split())
         model = fields.get("model name", model)
+        vendor, family = fields.get("vendor_id", vendor), fields.get("cpu family", family)
     n = max(1, min(len(cores) or 1, max(threads, 1)))
-    if "avx512f" in flags:
+    if "avx512f" in flags and vendor == "AuthenticAMD" and family == "25":
+        per_cycle, isa = 32, "AVX-512 on AMD Zen 4, two 256-bit halves"
+    elif "avx512f" in flags:
         per_cycle, isa = 64, "AVX-512"
     elif "avx2" in flags and "fma" in flags:
         per_cycle, isa = 32, "AVX2+FMA"

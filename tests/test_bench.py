@@ -17,7 +17,8 @@ from segan.errors import UserError
 SMOKE = REPO / "configs" / "smoke.yaml"
 
 CPUINFO_2 = """processor\t: {p}
-vendor_id\t: AuthenticAMD
+vendor_id\t: {vendor}
+cpu family\t: {family}
 model name\t: Test CPU
 physical id\t: 0
 core id\t: {core}
@@ -26,8 +27,9 @@ flags\t\t: fpu sse sse2 avx fma avx2 {extra}
 """
 
 
-def _cpuinfo(cores: list[int], extra: str = "") -> str:
-    return "\n".join(CPUINFO_2.format(p=i, core=c, extra=extra) for i, c in enumerate(cores))
+def _cpuinfo(cores: list[int], extra: str = "", vendor: str = "GenuineIntel", family: int = 6) -> str:
+    return "\n".join(CPUINFO_2.format(p=i, core=c, extra=extra, vendor=vendor, family=family)
+                     for i, c in enumerate(cores))
 
 
 def test_cli_bench_smoke_writes_every_field(phantoms_small, tmp_path):
@@ -100,6 +102,9 @@ def test_cpu_peak_counts_physical_cores_and_vector_width():
     smt = cpu_peak(_cpuinfo([0, 0, 1, 1]), threads=4)  # two hyper-threads per core
     assert smt["cores"] == 2 and smt["flop_per_cycle"] == 32
     assert cpu_peak(_cpuinfo([0, 1, 2, 3]), threads=4, cpus={2, 3})["cores"] == 2  # affinity
+    zen4 = cpu_peak(_cpuinfo([0, 1], "avx512f", vendor="AuthenticAMD", family=25), threads=2)
+    assert zen4["flop_per_cycle"] == 32 and "Zen 4" in zen4["note"]  # AVX-512 double-pumped
+    assert cpu_peak(_cpuinfo([0, 1], "avx512f", vendor="AuthenticAMD", family=26), threads=2)["flop_per_cycle"] == 64
     assert cpu_peak("", threads=2)["tflops"]["fp32"] > 0  # unreadable: still a (noted) guess
 
 

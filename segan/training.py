@@ -360,6 +360,18 @@ def _allreduce_grads(module: nn.Module) -> None:
         offset += g.numel()
 
 
+def _stop_on_sigterm() -> None:
+    """Treat SIGTERM (a scheduler's kill, ``timeout``) like Ctrl-C: save state and exit 130."""
+    import signal
+    import threading
+
+    def handler(signum, frame):
+        raise KeyboardInterrupt
+
+    if threading.current_thread() is threading.main_thread():
+        signal.signal(signal.SIGTERM, handler)
+
+
 def _log_run_inputs(tracker, trainer: Trainer, out: Path) -> None:
     """Config, data list and preprocessing spec as artifacts; the data list's fingerprint as a param."""
     from segan.io_utils import atomic_write_text
@@ -401,6 +413,7 @@ def run_training(cfg: Config, out_dir: str | Path | None = None, resume: str | P
     if ckpt is not None:
         cfg.run_name = cfg.run_name or ckpt["config"].get("run_name")
     seed_everything(cfg.seed + dist.rank, cfg.train.deterministic)
+    _stop_on_sigterm()
     from segan.tracking import NullTracker, make_tracker
 
     tracker = NullTracker()

@@ -74,9 +74,16 @@ def test_adversarial_weight_warmup_and_ramp(phantoms, tmp_path):
     assert [adversarial_weight(cfg, e) for e in (0, 1.9, 2, 4, 6, 9)] == pytest.approx([0, 0, 0, 0.1, 0.2, 0.2])
 
 
+def _default_sigint():
+    # A job started in the background by a non-interactive shell (as CI may be) inherits
+    # SIGINT as ignored; give the child the terminal's default so Ctrl-C can be simulated.
+    signal.signal(signal.SIGINT, signal.SIG_DFL)
+
+
 def _train_cli(*args, env=None):
     return subprocess.Popen([sys.executable, "-m", "segan", "train", "-c", str(SMOKE), *args],
-                            stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True, env=env)
+                            stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True, env=env,
+                            preexec_fn=_default_sigint)
 
 
 def test_resume_after_sigkill_matches_uninterrupted_run(phantoms, tmp_path):
@@ -133,7 +140,8 @@ def test_missing_data_folder_is_a_user_error(tmp_path):
         run_training(cfg, out_dir=tmp_path / "run")
 
 
-def test_ctrl_c_saves_state_and_exits_cleanly(phantoms, tmp_path):
+@pytest.mark.parametrize("sig", [signal.SIGINT, signal.SIGTERM], ids=["ctrl-c", "sigterm"])
+def test_ctrl_c_saves_state_and_exits_cleanly(phantoms, tmp_path, sig):
     proc = _train_cli(f"--set=data.root={phantoms}", f"--set=preprocess.cache_dir={tmp_path / 'cache'}",
                       "--set=tracking.enabled=false", "--set=train.epochs=50", "--set=train.steps_per_epoch=4",
                       "--out", str(tmp_path / "run"))
@@ -141,7 +149,7 @@ def test_ctrl_c_saves_state_and_exits_cleanly(phantoms, tmp_path):
     deadline = time.monotonic() + 240
     while not ckpt.exists() and proc.poll() is None and time.monotonic() < deadline:
         time.sleep(0.05)
-    proc.send_signal(signal.SIGINT)
+    proc.send_signal(sig)
     out, err = proc.communicate(timeout=120)
     assert proc.returncode == 130, (out, err)
     assert "Traceback" not in err and "--resume" in out + err

@@ -13,7 +13,8 @@ Everything is measured in one process on one device:
   Batches are synthetic (random image, nested random 0/1 regions) and already on the
   device, so the loader is excluded; warm-up steps are excluded. The two modes alternate
   step by step on CPU (in 5 blocks on CUDA, synchronised at block edges only) so that
-  load from other processes hits both alike; the per-step time is the median over blocks.
+  load from other processes hits both alike; the per-step time is the median over blocks
+  and the speedup the median of eager/fast over neighbouring blocks.
 - **FLOPs** of one training step (``torch.utils.flop_counter``: convolutions and matrix
   products, forward and backward), achieved TFLOP/s and MFU against the device's peak
   (CUDA: a table of datasheet dense peaks; CPU: an estimate, see :func:`cpu_peak`).
@@ -29,6 +30,7 @@ Everything is measured in one process on one device:
 from __future__ import annotations
 
 import copy
+import gc
 import json
 import math
 import os
@@ -331,6 +333,7 @@ def _build_and_warm(cfg: Config, mode: str, device: torch.device, out_dir: Path,
         fallback = copy.deepcopy(cfg)
         fallback.train.compile = False
         del runner
+        gc.collect()  # free the failed attempt's tensors before the memory measurement
         runner = ModeRunner.build(fallback, mode, device, out_dir)
         runner.run(warmup)
     # peak memory of one steady-state step
@@ -409,7 +412,11 @@ def bench_train(cfg: Config, device: torch.device, steps: int, warmup: int | Non
                 "critic_params": sum(p.numel() for p in fast.trainer.critic.parameters()) if fast.trainer.critic
                 else 0, "steps": steps, "warmup": warmup, "blocks": blocks,
                 "flops_per_step": flops}
-    return {**info, **out, "speedup": out["eager"]["step_s"] / out["fast"]["step_s"]}, fast
+    # Blocks i of the two modes ran back to back: the median of their ratios cancels load
+    # bursts from other processes better than the ratio of the two medians.
+    paired = statistics.median(e / f for e, f in zip(times["eager"], times["fast"]))
+    return {**info, **out, "speedup": paired,
+            "speedup_of_medians": out["eager"]["step_s"] / out["fast"]["step_s"]}, fast
 
 
 # ---------------------------------------------------------------- inference
@@ -553,7 +560,7 @@ def run_bench(config: str, overrides: list[str] | None = None, device: str = "au
     busy = [v for v in (load_start, result["host"]["load_avg_1min_end"]) if v is not None and v > (os.cpu_count() or 1)]
     if dev.type == "cpu" and busy:
         result["warning"] = (f"the machine was busy (load average {max(busy):.1f} on {os.cpu_count()} CPUs): CPU "
-                             "figures are noisy; repeat, or compare with --set train.threads=1")
+                             "figures are noisy; repeat, or run with OMP_WAIT_POLICY=PASSIVE or --set train.threads=1")
     if json_out is not None:
         from segan.io_utils import atomic_write_text
 
@@ -601,7 +608,7 @@ def summarize(result: dict) -> str:
         lines.append(f"  {label:<14}{vals[0]:>12}{vals[1]:>12}")
     notes = [f"{m}: {t[m]['compile_error']}" for m in MODES if t[m].get("compile_error")]
     lines += [
-        f"  speedup fast/eager: {t['speedup']:.2f}x (median of {len(t['blocks'])} alternating blocks, "
+        f"  speedup fast/eager: {t['speedup']:.2f}x (median over {len(t['blocks'])} pairs of alternating blocks, "
         f"{t['steps']} steps per mode, {t['warmup']} warm-up)" + (f"; compile failed: {'; '.join(notes)}" if notes
                                                                   else ""),
         f"  loader: {ld['samples_per_s']:.4g} samples/s ({ld['num_workers']} workers, {ld['source']}) = "

@@ -77,7 +77,8 @@ def train(config: str, overrides: tuple[str, ...], out: str | None, resume: str 
 
     cfg = load_config(config, overrides)
     result = run_training(cfg, out_dir=out, resume=resume, tracking_uri=tracking_uri, register=register)
-    click.echo(result.summary(), err=result.exit_code != 0)
+    if result.is_main:  # under torchrun only rank 0 reports
+        click.echo(result.summary(), err=result.exit_code != 0)
     sys.exit(result.exit_code)
 
 

@@ -44,6 +44,7 @@ class TrainResult:
     metrics: dict = field(default_factory=dict)
     run_id: str | None = None
     message: str = ""
+    is_main: bool = True  # rank 0 (or a plain run)
 
     def summary(self) -> str:
         dice = {k: round(v, 4) for k, v in self.metrics.items() if k.startswith("val_dice")}
@@ -137,6 +138,20 @@ class Trainer:
             print(f"warning: torch.compile unavailable ({type(exc).__name__}); running eager", file=sys.stderr)
             return module
 
+    def _segment(self, image: torch.Tensor) -> torch.Tensor:
+        """Segmentor logits; a compiled segmentor that fails on its first call (compilation
+        is lazy) falls back to eager once, with a warning."""
+        try:
+            with self._autocast():
+                return self.seg_forward(image)
+        except Exception as exc:  # noqa: BLE001 - inductor/dynamo errors have many types
+            if self.seg_forward is self.seg_ddp:
+                raise
+            print(f"warning: torch.compile failed ({type(exc).__name__}); running eager", file=sys.stderr)
+            self.seg_forward = self.seg_ddp
+            with self._autocast():
+                return self.seg_forward(image)
+
     def _autocast(self):
         return torch.autocast("cuda", dtype=torch.bfloat16) if self.amp else nullcontext()
 
@@ -189,8 +204,7 @@ class Trainer:
         Returns the three losses as one device tensor ``[seg, adv, critic]`` (no sync).
         """
         zero = image.new_zeros(())
-        with self._autocast():
-            logits = self.seg_forward(image)
+        logits = self._segment(image)
         prob = torch.sigmoid(logits.float())
         loss_critic = zero
         train_critic = self.critic is not None and w_adv > 0  # warm-up is segmentation only
@@ -417,7 +431,7 @@ def run_training(cfg: Config, out_dir: str | Path | None = None, resume: str | P
     from segan.tracking import NullTracker, make_tracker
 
     tracker = NullTracker()
-    result = TrainResult(out_dir=out)
+    result = TrainResult(out_dir=out, is_main=dist.is_main)
     trainer = None
     try:
         trainer = Trainer(cfg, out, dist)

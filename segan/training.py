@@ -336,6 +336,8 @@ class Trainer:
         stats = {name: totals[k] / max(count, 1) for k, name in enumerate(LOSS_NAMES)}
         stats["samples_per_s"] = seen * self.dist.world_size / max(elapsed, 1e-9)
         stats["w_adv"] = adversarial_weight(cfg, self.epoch + 1)
+        if self.device.type == "cuda":
+            stats["gpu_mem_peak_gb"] = torch.cuda.max_memory_allocated(self.device) / 1e9
         return stats, out_of_time
 
     def _check_finite(self, values: list[float]) -> None:

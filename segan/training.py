@@ -247,15 +247,14 @@ class Trainer:
         loader = make_loader(self.data.train_set, cfg.train.batch_size, cfg.data.num_workers, sampler=sampler,
                              seed=cfg.seed, pin_memory=self.device.type == "cuda")
         reason = "epochs"
+        self._budget = (deadline, budget_s)
         while self.epoch < cfg.train.epochs:
             self.data.train_set.set_epoch(self.epoch)
             if sampler is not None:
                 sampler.set_epoch(self.epoch)
             stats, out_of_time = self.train_epoch(loader, deadline)
             self.epoch += 1
-            progress = self.epoch / cfg.train.epochs
-            if deadline is not None and budget_s:
-                progress = max(progress, 1 - (deadline - time.monotonic()) / budget_s)
+            progress = self._schedule_epoch(self.epoch) / cfg.train.epochs
             for sched in (self.sched_seg, self.sched_critic):
                 if sched is not None:
                     sched.step(progress)
@@ -312,7 +311,7 @@ class Trainer:
             if self.memory_format is not None:
                 image = image.contiguous(memory_format=self.memory_format)
                 target = target.contiguous(memory_format=self.memory_format)
-            w_adv = adversarial_weight(cfg, self.epoch + i / self.steps_per_epoch)
+            w_adv = adversarial_weight(cfg, self._schedule_epoch(self.epoch + i / self.steps_per_epoch))
             window += self.train_step(image, target, w_adv)
             self.step += 1
             seen += image.shape[0]
@@ -335,10 +334,20 @@ class Trainer:
         elapsed = time.perf_counter() - start
         stats = {name: totals[k] / max(count, 1) for k, name in enumerate(LOSS_NAMES)}
         stats["samples_per_s"] = seen * self.dist.world_size / max(elapsed, 1e-9)
-        stats["w_adv"] = adversarial_weight(cfg, self.epoch + 1)
+        stats["w_adv"] = adversarial_weight(cfg, self._schedule_epoch(self.epoch + 1))
         if self.device.type == "cuda":
             stats["gpu_mem_peak_gb"] = torch.cuda.max_memory_allocated(self.device) / 1e9
         return stats, out_of_time
+
+    def _schedule_epoch(self, epoch: float) -> float:
+        """The epoch the schedules (learning rate, adversarial warm-up) should act on: with a
+        ``train.max_minutes`` budget, the time used counts too, so a short budget still
+        walks the whole schedule (warm-up, ramp, annealing) before it ends."""
+        deadline, budget_s = getattr(self, "_budget", (None, None))
+        if deadline is None or not budget_s:
+            return epoch
+        used = 1 - (deadline - time.monotonic()) / budget_s
+        return max(epoch, min(used, 1.0) * self.cfg.train.epochs)
 
     def _check_finite(self, values: list[float]) -> None:
         if all(math.isfinite(v) for v in values):

@@ -154,3 +154,12 @@ def test_ctrl_c_saves_state_and_exits_cleanly(phantoms, tmp_path, sig):
     assert proc.returncode == 130, (out, err)
     assert "Traceback" not in err and "--resume" in out + err
     assert torch.load(ckpt, weights_only=True)["epoch"] >= 1
+
+
+def test_time_budget_drives_warmup_and_schedule(phantoms, tmp_path):
+    cfg = _cfg(phantoms, tmp_path, "train.epochs=40", "method.adv_warmup_epochs=20", "method.w_adv=0.1")
+    trainer = Trainer(cfg, tmp_path / "run", DistContext())
+    assert trainer._schedule_epoch(3.0) == 3.0  # no budget: epochs only
+    trainer._budget = (time.monotonic() + 30.0, 100.0)  # 70 % of the budget used
+    assert trainer._schedule_epoch(3.0) == pytest.approx(28.0, abs=0.5)
+    assert adversarial_weight(cfg, trainer._schedule_epoch(3.0)) == pytest.approx(0.1)

@@ -10,7 +10,6 @@ host-device sync per step); that fetch is also the NaN/inf guard.
 
 from __future__ import annotations
 
-import hashlib
 import json
 import math
 import sys
@@ -65,8 +64,10 @@ def adversarial_weight(cfg: Config, epoch_float: float) -> float:
 
 
 def default_run_name(cfg: Config) -> str:
-    digest = hashlib.sha1((json.dumps(to_dict(cfg), sort_keys=True) + str(time.time_ns())).encode()).hexdigest()
-    return f"{cfg.method.name}-{digest[:6]}"
+    """``<method>-<hash>`` of the config and the start time: a repeated run gets its own folder."""
+    from segan.tracking import config_hash
+
+    return f"{cfg.method.name}-{config_hash({'config': to_dict(cfg), 'started': time.time_ns()})[:6]}"
 
 
 class Trainer:

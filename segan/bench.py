@@ -98,8 +98,9 @@ def cpu_peak(cpuinfo: str, threads: int, cpus: set[int] | None = None) -> dict:
     ``cpu MHz`` listed (often the base clock: turbo can exceed it, wide vector load can drop
     below it); FLOP/cycle (fp32, two FMA units): AVX-512 64, AVX2+FMA 32, AVX 16, else 8,
     except AMD family 25 (Zen 4), which runs AVX-512 as two 256-bit halves: 32. Intel parts
-    with a single AVX-512 FMA unit reach half the estimate. Returns
-    ``{"tflops": {"fp32": x}, "cores", "ghz", "flop_per_cycle", "model", "note"}``.
+    with a single AVX-512 FMA unit reach half the estimate. bf16: AMX tiles 2048 FLOP/cycle,
+    AVX512-BF16 dot products twice the fp32 rate; without either, no bf16 peak. Returns
+    ``{"tflops": {"fp32": x[, "bf16": y]}, "cores", "ghz", "flop_per_cycle", "model", "note"}``.
     """
     blocks = [b for b in cpuinfo.strip().split("\n\n") if b.strip()]
     cores: set[tuple[str, str]] = set()
@@ -132,10 +133,14 @@ def cpu_peak(cpuinfo: str, threads: int, cpus: set[int] | None = None) -> dict:
     else:
         per_cycle, isa = 8, "SSE"
     ghz = mhz / 1000 if mhz > 0 else 2.0
-    tflops = n * ghz * per_cycle / 1000
+    tflops = {"fp32": n * ghz * per_cycle / 1000}
+    bf16_per_cycle = 2048 if "amx_bf16" in flags else 2 * per_cycle if "avx512_bf16" in flags else 0
+    if bf16_per_cycle:
+        tflops["bf16"] = n * ghz * bf16_per_cycle / 1000
     note = (f"estimate: {n} cores x {ghz:.2f} GHz x {per_cycle} fp32 FLOP/cycle ({isa}, 2 FMA units)"
+            + (f", {bf16_per_cycle} bf16" if bf16_per_cycle else "")
             + ("" if mhz > 0 else "; clock unknown, 2 GHz assumed"))
-    return {"tflops": {"fp32": tflops}, "cores": n, "ghz": ghz, "flop_per_cycle": per_cycle, "model": model,
+    return {"tflops": tflops, "cores": n, "ghz": ghz, "flop_per_cycle": per_cycle, "model": model,
             "note": note}
 
 
@@ -206,7 +211,7 @@ def mode_config(cfg: Config, mode: str) -> Config:
     c.train.deterministic = False
     if mode == "eager":
         t = c.train
-        t.amp = t.channels_last = t.compile = t.cudnn_benchmark = False
+        t.amp = t.amp_cpu = t.channels_last = t.compile = t.cudnn_benchmark = False
         t.fused_critic = t.foreach_clamp = t.target_no_grad = False
         c.optim.fused = False
     return c
@@ -214,7 +219,7 @@ def mode_config(cfg: Config, mode: str) -> Config:
 
 def switches(cfg: Config) -> dict:
     t = cfg.train
-    return {"amp_bf16": t.amp, "channels_last": t.channels_last, "fused_critic": t.fused_critic,
+    return {"amp_bf16": t.amp, "amp_cpu": t.amp_cpu, "channels_last": t.channels_last, "fused_critic": t.fused_critic,
             "foreach_clamp": t.foreach_clamp, "target_no_grad": t.target_no_grad, "fused_optim": cfg.optim.fused,
             "cudnn_benchmark": t.cudnn_benchmark, "compile": t.compile}
 

@@ -130,6 +130,7 @@ class Predictor:
         from segan.checkpoint import load_checkpoint
         from segan.config import from_dict
         from segan.nets import build_segmentor
+        from segan.runtime import amp_enabled
 
         ckpt = load_checkpoint(path)
         try:
@@ -143,7 +144,7 @@ class Predictor:
                             f"{str(exc).splitlines()[0] if str(exc) else ''}); pass a checkpoint written by "
                             "`segan train`") from None
         return cls(model=model, meta=meta, post=cfg.post, device=device,
-                   amp=bool(cfg.train.amp and device.type == "cuda"),
+                   amp=amp_enabled(cfg.train.amp, cfg.train.amp_cpu, device),
                    sw_batch=sw_batch or cfg.post.sw_batch_size,
                    overlap=cfg.post.overlap if overlap is None else overlap)
 

@@ -4,6 +4,7 @@ from __future__ import annotations
 
 import os
 import random
+from contextlib import nullcontext
 from dataclasses import dataclass
 
 import numpy as np
@@ -36,6 +37,20 @@ def resolve_device(name: str, local_rank: int = 0) -> torch.device:
     if name == "cuda":
         return torch.device(f"cuda:{local_rank}")
     return torch.device(name)
+
+
+def amp_enabled(amp: bool, amp_cpu: bool, device: torch.device) -> bool:
+    """bf16 autocast on CUDA when ``amp``; on CPU only when ``amp_cpu`` is also set.
+
+    CPU bf16 pays only where the CPU has native bf16 (AVX512-BF16 / AMX); elsewhere it is
+    emulated and slower, so it is opt-in.
+    """
+    return bool(amp and (device.type == "cuda" or (device.type == "cpu" and amp_cpu)))
+
+
+def autocast(device: torch.device, enabled: bool):
+    """bf16 autocast on ``device`` when ``enabled``, else a no-op context."""
+    return torch.autocast(device.type, dtype=torch.bfloat16) if enabled else nullcontext()
 
 
 def init_distributed(device_name: str) -> DistContext:

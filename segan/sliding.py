@@ -7,25 +7,21 @@ batches; 3D models use MONAI's sliding-window inference with Gaussian blending.
 from __future__ import annotations
 
 import itertools
-from contextlib import nullcontext
 
 import torch
 from torch import nn
 
-
-def _autocast(device: torch.device, amp: bool):
-    if amp and device.type == "cuda":
-        return torch.autocast("cuda", dtype=torch.bfloat16)
-    return nullcontext()
+from segan.runtime import autocast
 
 
 @torch.no_grad()
 def predict_volume(model: nn.Module, image: torch.Tensor, spatial_dims: int, roi_size: list[int] | None = None,
-                   sw_batch_size: int = 4, overlap: float = 0.5, tta: bool = False, amp: bool = True,
+                   sw_batch_size: int = 4, overlap: float = 0.5, tta: bool = False, amp: bool = False,
                    slice_batch: int = 32) -> torch.Tensor:
     """Probabilities ``(K, X, Y, Z)`` float32 for one preprocessed volume ``(C, X, Y, Z)``.
 
-    ``image`` should already be on the model's device. ``tta`` averages over every
+    ``image`` should already be on the model's device; ``amp`` turns on bf16 autocast on it
+    (callers decide with :func:`segan.runtime.amp_enabled`). ``tta`` averages over every
     combination of flips of the model's spatial axes (4 passes in 2D, 8 in 3D).
     """
     device = image.device
@@ -38,7 +34,7 @@ def predict_volume(model: nn.Module, image: torch.Tensor, spatial_dims: int, roi
         total = None
         for dims in flips:
             x = batch.flip(dims) if dims else batch
-            with _autocast(device, amp):
+            with autocast(device, amp):
                 logits = model(x)
             prob = torch.sigmoid(logits.float())
             prob = prob.flip(dims) if dims else prob

@@ -14,7 +14,6 @@ import json
 import math
 import sys
 import time
-from contextlib import nullcontext
 from dataclasses import dataclass, field
 from pathlib import Path
 
@@ -27,7 +26,8 @@ from segan.errors import TrainingDiverged
 from segan.losses import SegmentationLoss
 from segan.methods import METHODS
 from segan.optim import ProgressSchedule, build_optimizer
-from segan.runtime import DistContext, init_distributed, resolve_device, rng_state, seed_everything, set_rng_state
+from segan.runtime import (DistContext, amp_enabled, autocast, init_distributed, resolve_device, rng_state,
+                           seed_everything, set_rng_state)
 from segan.validation import validate
 
 LOSS_NAMES = ("loss_seg", "loss_adv", "loss_critic")
@@ -82,7 +82,7 @@ class Trainer:
         self.cfg, self.out_dir, self.dist = cfg, out_dir, dist
         self.tracker = NullTracker()  # replaced by run_training once the data set is known
         self.device = resolve_device(cfg.train.device, dist.local_rank)
-        self.amp = bool(cfg.train.amp and self.device.type == "cuda")
+        self.amp = amp_enabled(cfg.train.amp, cfg.train.amp_cpu, self.device)
         if self.device.type == "cuda":
             torch.backends.cudnn.benchmark = cfg.train.cudnn_benchmark and not cfg.train.deterministic
             torch.backends.cuda.matmul.allow_tf32 = True
@@ -154,7 +154,7 @@ class Trainer:
                 return self.seg_forward(image)
 
     def _autocast(self):
-        return torch.autocast("cuda", dtype=torch.bfloat16) if self.amp else nullcontext()
+        return autocast(self.device, self.amp)
 
     def meta(self) -> dict:
         d = self.data

@@ -27,7 +27,7 @@ def _overlay_slice(image: torch.Tensor, target: torch.Tensor, pred: torch.Tensor
 
 @torch.no_grad()
 def validate(model: nn.Module, cases: list, region_names: list[str], spatial_dims: int, patch_size: list[int],
-             device: torch.device, threshold: float = 0.5, amp: bool = True, hd95: bool = False,
+             device: torch.device, threshold: float = 0.5, amp: bool = False, hd95: bool = False,
              overlap: float = 0.5, sw_batch_size: int = 4) -> ValidationResult:
     """Predict each ``VolumeCase`` (image ``(C,X,Y,Z)``, target ``(K,X,Y,Z)``) and score it.
 

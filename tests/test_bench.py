@@ -108,6 +108,11 @@ def test_cpu_peak_counts_physical_cores_and_vector_width():
     assert zen4["flop_per_cycle"] == 32 and "Zen 4" in zen4["note"]  # AVX-512 double-pumped
     assert cpu_peak(_cpuinfo([0, 1], "avx512f", vendor="AuthenticAMD", family=26), threads=2)["flop_per_cycle"] == 64
     assert cpu_peak("", threads=2)["tflops"]["fp32"] > 0  # unreadable: still a (noted) guess
+    assert "bf16" not in avx512["tflops"]  # no native bf16: emulated, no peak to compare with
+    bf16 = cpu_peak(_cpuinfo([0, 1], "avx512f avx512_bf16", vendor="AuthenticAMD", family=25), threads=2)
+    assert bf16["tflops"]["bf16"] == pytest.approx(2 * bf16["tflops"]["fp32"])
+    amx = cpu_peak(_cpuinfo([0, 1], "avx512f avx512_bf16 amx_bf16"), threads=2)
+    assert amx["tflops"]["bf16"] == pytest.approx(2 * 2.5 * 2048 / 1000)
 
 
 def test_cuda_peaks_by_device_name():

@@ -69,6 +69,22 @@ def test_segan_critic_weights_clamped(phantoms, tmp_path):
     assert max(p.abs().max().item() for p in trainer.critic.parameters()) <= 0.01 + 1e-7
 
 
+def test_bf16_autocast_on_cpu_only_when_asked(phantoms, tmp_path):
+    image = torch.randn(2, 4, 32, 32)
+    default = Trainer(_cfg(phantoms, tmp_path), tmp_path / "fp32", DistContext())
+    with default._autocast():
+        assert not default.amp and default.segmentor(image).dtype == torch.float32
+    cfg = _cfg(phantoms, tmp_path, "train.amp_cpu=true", "train.epochs=1", "train.steps_per_epoch=2",
+               "method.adv_warmup_epochs=0")
+    trainer = Trainer(cfg, tmp_path / "bf16", DistContext())
+    with trainer._autocast():
+        assert trainer.amp and trainer.segmentor(image).dtype == torch.bfloat16
+    trainer.fit(None)
+    record = trainer.history[-1]
+    assert all(torch.isfinite(torch.tensor(record[k])) for k in ("loss_seg", "loss_adv", "val_dice_mean"))
+    assert all(p.dtype == torch.float32 for p in trainer.segmentor.parameters())  # autocast, not a cast
+
+
 def test_adversarial_weight_warmup_and_ramp(phantoms, tmp_path):
     cfg = _cfg(phantoms, tmp_path, "method.w_adv=0.2", "method.adv_warmup_epochs=2", "method.adv_ramp_epochs=4")
     assert [adversarial_weight(cfg, e) for e in (0, 1.9, 2, 4, 6, 9)] == pytest.approx([0, 0, 0, 0.1, 0.2, 0.2])

@@ -118,7 +118,7 @@ class TrainConfig:
     val_max_cases: Optional[int] = None
     device: str = "auto"  # auto | cpu | cuda | cuda:N
     amp: bool = True  # bf16 autocast on CUDA
-    amp_cpu: bool = False  # also on CPU (pays only with native bf16: AVX512-BF16 / AMX)
+    amp_cpu: bool = False  # also on CPU (pays with native bf16: AVX512-BF16 / AMX)
     channels_last: bool = True  # on CUDA only
     compile: bool = False  # torch.compile the segmentor; falls back to eager on failure
     cudnn_benchmark: bool = True

@@ -42,8 +42,8 @@ def resolve_device(name: str, local_rank: int = 0) -> torch.device:
 def amp_enabled(amp: bool, amp_cpu: bool, device: torch.device) -> bool:
     """bf16 autocast on CUDA when ``amp``; on CPU only when ``amp_cpu`` is also set.
 
-    CPU bf16 pays only where the CPU has native bf16 (AVX512-BF16 / AMX); elsewhere it is
-    emulated and slower, so it is opt-in.
+    CPU bf16 pays where the CPU has native bf16 (AVX512-BF16 / AMX: 1.4x per 2D step on
+    Zen 4, README); elsewhere it is emulated, so it is opt-in and fp32 stays the default.
     """
     return bool(amp and (device.type == "cuda" or (device.type == "cpu" and amp_cpu)))
 

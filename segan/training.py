@@ -126,6 +126,8 @@ class Trainer:
         self.step = 0
         self.best_metric = -math.inf
         self.history: list[dict] = []
+        # (monotonic deadline, budget seconds) of the running fit(); (None, None) = no budget
+        self._budget: tuple[float | None, float | None] = (None, None)
         per_rank = max(cfg.data.samples_per_epoch // (cfg.train.batch_size * dist.world_size), 1)
         self.steps_per_epoch = cfg.train.steps_per_epoch or per_rank
 
@@ -344,7 +346,7 @@ class Trainer:
         """The epoch the schedules (learning rate, adversarial warm-up) should act on: with a
         ``train.max_minutes`` budget, the time used counts too, so a short budget still
         walks the whole schedule (warm-up, ramp, annealing) before it ends."""
-        deadline, budget_s = getattr(self, "_budget", (None, None))
+        deadline, budget_s = self._budget
         if deadline is None or not budget_s:
             return epoch
         used = 1 - (deadline - time.monotonic()) / budget_s

@@ -13,9 +13,17 @@ from pathlib import Path
 import click
 
 from segan import __version__
-from segan.errors import UserError
+from segan.errors import UserError, did_you_mean
 
 _SET_HELP = "Override a config key, e.g. --set train.epochs=3 (repeatable)."
+
+
+class Choice(click.Choice):
+    """``click.Choice`` whose error also names the closest choice: click suggests mistyped
+    options and commands itself, but not mistyped values."""
+
+    def get_invalid_choice_message(self, value, ctx) -> str:
+        return super().get_invalid_choice_message(value, ctx).rstrip(".") + did_you_mean(value, self.choices) + "."
 
 
 @click.group(context_settings={"help_option_names": ["-h", "--help"], "max_content_width": 100})
@@ -141,7 +149,7 @@ def evaluate(pred: str, gt: str, regions: str | None, out: str | None, run_id: s
 @click.option("-e", "--experiment", "experiments", multiple=True, help="Experiment name (repeatable).")
 @click.option("--metric", default="val_dice_mean", show_default=True)
 @click.option("--group-by", default="method", show_default=True)
-@click.option("--format", "fmt", type=click.Choice(["table", "csv", "json", "markdown"]), default="table",
+@click.option("--format", "fmt", type=Choice(["table", "csv", "json", "markdown"]), default="table",
               show_default=True)
 @click.option("--plot", type=click.Path(dir_okay=False), default=None, help="Write curves and bars (PNG).")
 @click.option("--tracking-uri", default=None)
@@ -172,7 +180,7 @@ def sweep(config: str, methods: str, seeds: str, overrides: tuple[str, ...], tra
 @cli.command()
 @click.option("-c", "--config", "config", type=click.Path(), default="configs/segan_2d.yaml", show_default=True)
 @click.option("--set", "overrides", multiple=True, metavar="KEY=VALUE", help=_SET_HELP)
-@click.option("--device", type=click.Choice(["auto", "cpu", "cuda"]), default="auto", show_default=True)
+@click.option("--device", type=Choice(["auto", "cpu", "cuda"]), default="auto", show_default=True)
 @click.option("--steps", type=click.IntRange(2, None), default=20, show_default=True)
 @click.option("--json", "json_out", type=click.Path(dir_okay=False), default=None)
 def bench(config: str, overrides: tuple[str, ...], device: str, steps: int, json_out: str | None) -> None:

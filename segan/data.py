@@ -36,7 +36,7 @@ from torch.utils.data import DataLoader, Dataset
 
 from data_prep.preprocess import CachedCase, CaseCache, default_cache_dir, spec_from_config
 from segan.config import AugmentConfig, Config
-from segan.errors import UserError
+from segan.errors import UserError, did_you_mean
 from segan.regions import default_regions, labels_to_regions
 
 
@@ -280,8 +280,8 @@ def _resolve_channels(cfg: Config, available: list[str]) -> tuple[list[str], lis
         elif key.isdigit() and int(key) < len(available):
             indices.append(int(key))
         else:
-            raise UserError(f"data.channels: {name!r} is not a channel of the data set; "
-                            f"available: {', '.join(available)}")
+            raise UserError(f"data.channels: {name!r} is not a channel of the data set"
+                            f"{did_you_mean(name, available)}; available: {', '.join(available)}")
     names = [available[i] for i in indices]
     return names, (None if indices == list(range(len(available))) else indices)
 

@@ -19,7 +19,7 @@ import numpy as np
 from mlflow.exceptions import MlflowException
 from mlflow.tracking import MlflowClient
 
-from segan.errors import UserError
+from segan.errors import UserError, did_you_mean
 from segan.tracking.plots import save_compare_png
 from segan.tracking.store import open_store, short
 
@@ -86,7 +86,8 @@ def collect_runs(experiments: list[str], metric: str, group_by: str = "method", 
         by_name = {e.name: e for e in all_exps}
         missing = [name for name in experiments if name not in by_name]
         if missing:
-            raise UserError(f"experiment {', '.join(repr(m) for m in missing)} not found in {uri}; existing "
+            raise UserError(f"experiment {', '.join(repr(m) for m in missing)} not found in {uri}"
+                            f"{did_you_mean(missing[0], by_name)}; existing "
                             f"experiments: {', '.join(sorted(by_name)) or 'none'}")
         exps = [by_name[n] for n in dict.fromkeys(experiments)] if experiments else all_exps
         filt = f"tags.`mlflow.parentRunId` = '{parent_run_id}'" if parent_run_id else ""
@@ -190,7 +191,8 @@ def run_compare(experiments: list[str], metric: str = "val_dice_mean", group_by:
     where = ", ".join(experiments) if experiments else "any experiment"
     if rows and not any(metric in r.metrics for r in rows):
         known = sorted({k for r in rows for k in r.metrics})
-        raise UserError(f"metric {metric!r} is not logged by any run in {where}; logged metrics: "
+        raise UserError(f"metric {metric!r} is not logged by any run in {where}{did_you_mean(metric, known)}; "
+                        "logged metrics: "
                         f"{', '.join(known) or 'none'}")
     rows = _sort_rows(rows, metric)
     if plot is not None and rows:

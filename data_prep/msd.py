@@ -31,7 +31,7 @@ from pathlib import Path
 
 import numpy as np
 
-from data_prep.io import (CHANNEL_FILE, NIFTI_SUFFIXES, ScanError, is_nifti, load_image, load_label, read_header,
+from data_prep.io import (CHANNEL_FILE, NIFTI_SUFFIXES, ScanError, load_image, load_label, nifti_files, read_header,
                           stem)
 from segan.errors import UserError
 
@@ -102,13 +102,6 @@ def _seen_label_values(cases: list[Case]) -> set[int]:
 
 
 # ----------------------------------------------------------------------- discovery
-def _nifti_files(folder: Path) -> list[Path]:
-    """NIfTI files of a folder, sorted; hidden files (macOS ``._x``, temp files) skipped."""
-    if not folder.is_dir():
-        return []
-    return sorted(p for p in folder.iterdir() if p.is_file() and is_nifti(p) and not p.name.startswith("."))
-
-
 def _find_by_stem(folder: Path, name: str) -> Path | None:
     for suffix in NIFTI_SUFFIXES:
         p = folder / f"{name}{suffix}"
@@ -144,7 +137,7 @@ def _group_channels(files: list[Path], problems: list[str]) -> dict[str, list[st
 def _discover(root: Path, images: str, labels: str, problems: list[str],
               labels_required: bool) -> list[Case]:
     """Cases of ``root/images`` paired by name with ``root/labels``."""
-    groups = _group_channels(_nifti_files(root / images), problems)
+    groups = _group_channels(nifti_files(root / images), problems)
     label_dir = root / labels
     cases = []
     for name, paths in groups.items():
@@ -152,7 +145,7 @@ def _discover(root: Path, images: str, labels: str, problems: list[str],
         if lab is None and labels_required:
             lab = label_dir / f"{name}.nii.gz"      # expected; check_dataset reports it missing
         cases.append(Case(name, paths, str(lab) if lab else None))
-    for lab in _nifti_files(label_dir):
+    for lab in nifti_files(label_dir):
         if stem(lab) not in groups:
             problems.append(f"{lab}: label without an image in {images}/; add the image or remove the label")
     return cases
@@ -228,7 +221,7 @@ def _entry_case(root: Path, image: object, label: object, path: Path) -> Case:
                         '{"image": "./imagesTr/case.nii.gz", "label": "./labelsTr/case.nii.gz"}')
     if len(images) == 1 and not os.path.exists(images[0]):
         folder, name = Path(images[0]).parent, stem(images[0])
-        split = _nifti_files(folder) if folder.is_dir() else []
+        split = nifti_files(folder)
         channels = [str(p) for p in split if (m := CHANNEL_FILE.match(stem(p))) and m["case"] == name]
         if channels:
             images = channels
@@ -299,7 +292,7 @@ def _brats_cases(root: Path) -> list[tuple[str, dict[str, Path]]]:
     found = []
     for sub in sorted(p for p in root.iterdir() if p.is_dir() and not p.name.startswith(".")):
         files: dict[str, Path] = {}
-        for f in _nifti_files(sub):
+        for f in nifti_files(sub):
             m = _BRATS_FILE.match(stem(f))
             if m:
                 files.setdefault(_BRATS_ALIASES[m["kind"].lower()], f)

@@ -28,12 +28,16 @@ import sys
 from collections import Counter
 from dataclasses import dataclass, field
 from pathlib import Path
+from typing import TYPE_CHECKING
 
 import numpy as np
 
 from data_prep.io import (CHANNEL_FILE, NIFTI_SUFFIXES, ScanError, load_image, load_label, nifti_files, read_header,
                           stem)
 from segan.errors import UserError
+
+if TYPE_CHECKING:
+    from data_prep.cache import CheckRecord
 
 BRATS_CHANNELS = ("t1", "t1ce", "t2", "flair")
 # BraTS 2023 file suffixes -> the classic names, same channel order.
@@ -209,9 +213,11 @@ def _parse_regions(raw: object, path: Path) -> dict[str, list[int]]:
     return regions
 
 
-def _entry_case(root: Path, image: object, label: object, path: Path) -> Case:
-    """A dataset.json entry; ``./imagesTr/x.nii.gz`` listed but stored as ``x_0000...``
-    (nnU-Net v1 style) resolves to the channel files."""
+def entry_case(root: Path, image: object, label: object, path: Path, name: str | None = None) -> Case:
+    """A case from a file-list entry of ``dataset.json`` or of a data list (``path``, for messages),
+    paths relative to ``root`` or absolute; ``./imagesTr/x.nii.gz`` listed but stored as
+    ``x_0000...`` (nnU-Net v1 style) resolves to the channel files. ``name`` (a data list's
+    ``case``) replaces the name taken from the first image."""
     if isinstance(image, str):
         images = [_abs(root, image)]
     elif isinstance(image, list) and image and all(isinstance(i, str) for i in image):
@@ -225,9 +231,10 @@ def _entry_case(root: Path, image: object, label: object, path: Path) -> Case:
         channels = [str(p) for p in split if (m := CHANNEL_FILE.match(stem(p))) and m["case"] == name]
         if channels:
             images = channels
-    first = stem(images[0])
-    m = CHANNEL_FILE.match(first)
-    name = m["case"] if m and len(images) > 1 else first
+    if name is None:
+        first = stem(images[0])
+        m = CHANNEL_FILE.match(first)
+        name = m["case"] if m and len(images) > 1 else first
     return Case(name, images, _abs(root, label) if isinstance(label, str) else None)
 
 
@@ -251,7 +258,7 @@ def _load_msd(root: Path, meta_path: Path) -> DatasetInfo:
         for e in meta["training"]:
             if not isinstance(e, dict):
                 raise UserError(f"{meta_path}: 'training' entry {e!r} must be an object with 'image' and 'label'")
-            case = _entry_case(root, e.get("image"), e.get("label"), meta_path)
+            case = entry_case(root, e.get("image"), e.get("label"), meta_path)
             if case.label is None:   # listed without a label: expect it beside the others
                 case.label = str(root / "labelsTr" / f"{case.name}.nii.gz")
             training.append(case)
@@ -261,7 +268,7 @@ def _load_msd(root: Path, meta_path: Path) -> DatasetInfo:
         test = []
         for e in meta["test"]:
             img, lab = (e.get("image"), e.get("label")) if isinstance(e, dict) else (e, None)
-            case = _entry_case(root, img, lab, meta_path)
+            case = entry_case(root, img, lab, meta_path)
             if case.label is None:
                 found = _find_by_stem(root / "labelsTs", case.name)
                 case.label = str(found) if found else None
@@ -416,9 +423,10 @@ def _check_case(info: DatasetInfo, case: Case, split: str) -> tuple[dict, list[s
     return row, problems
 
 
-def check_dataset(info: DatasetInfo) -> tuple[list[dict], list[str]]:
+def check_dataset(info: DatasetInfo, record: CheckRecord | None = None) -> tuple[list[dict], list[str]]:
     """Validate every case; returns (one table row per case, every problem as one line
-    ``FILE: problem; fix``)."""
+    ``FILE: problem; fix``). With a ``record`` (``data_prep.cache.CheckRecord``), a case that
+    passed before with the same files is not read again, and clean cases are recorded."""
     rows: list[dict] = []
     problems: list[str] = list(info.problems)
     if not info.training:
@@ -426,7 +434,13 @@ def check_dataset(info: DatasetInfo) -> tuple[list[dict], list[str]]:
     firsts: dict[str, str] = {}
     for split, cases in (("training", info.training), ("test", info.test)):
         for case in cases:
-            row, case_problems = _check_case(info, case, split)
+            known = record.get(case, info.labels) if record is not None else None
+            if known is not None:
+                row, case_problems = {**known, "split": split}, []
+            else:
+                row, case_problems = _check_case(info, case, split)
+                if record is not None and not case_problems:
+                    record.put(case, info.labels, row)
             rows.append(row)
             problems.extend(case_problems)
             firsts[case.name] = case.images[0]
@@ -438,6 +452,8 @@ def check_dataset(info: DatasetInfo) -> tuple[list[dict], list[str]]:
             problems.append(f"{firsts[row['case']]}: case {row['case']} has {row['channels']} channel(s), expected "
                             f"{expected} ({', '.join(info.channel_names)}); give every case the same channels")
             row["status"] = "channel count" if row["status"] == "ok" else row["status"] + ", channel count"
+    if record is not None:
+        record.save()
     return rows, problems
 
 

@@ -176,6 +176,34 @@ def sweep(config: str, methods: str, seeds: str, overrides: tuple[str, ...], tra
                        tracking_uri=tracking_uri))
 
 
+# ---------------------------------------------------------------- cache
+@cli.group()
+def cache() -> None:
+    """Inspect or empty the preprocessing cache (bounded by $SEGAN_CACHE_MAX_GB, default 2 GB)."""
+
+
+_CACHE_DIR = click.option("--dir", "cache_dir", type=click.Path(file_okay=False), default=None,
+                          help="Cache folder [$SEGAN_CACHE or ~/.cache/segan; a config's preprocess.cache_dir].")
+
+
+@cache.command("info")
+@_CACHE_DIR
+def cache_info_command(cache_dir: str | None) -> None:
+    """Size, number of cached cases, stale entries and the limit."""
+    from data_prep.cache import cache_info, default_cache_dir
+
+    click.echo(cache_info(Path(cache_dir) if cache_dir else default_cache_dir()))
+
+
+@cache.command("clear")
+@_CACHE_DIR
+def cache_clear_command(cache_dir: str | None) -> None:
+    """Remove every cached case and the remembered file checks."""
+    from data_prep.cache import clear_cache, default_cache_dir
+
+    click.echo(clear_cache(Path(cache_dir) if cache_dir else default_cache_dir()))
+
+
 # ---------------------------------------------------------------- bench
 @cli.command()
 @click.option("-c", "--config", "config", type=click.Path(), default="configs/segan_2d.yaml", show_default=True)

@@ -152,14 +152,17 @@ def evaluate(pred: str, gt: str, regions: str | None, out: str | None, run_id: s
 @click.option("--format", "fmt", type=Choice(["table", "csv", "json", "markdown"]), default="table",
               show_default=True)
 @click.option("--plot", type=click.Path(dir_okay=False), default=None, help="Write curves and bars (PNG).")
+@click.option("--filter", "filter_string", default=None, metavar="EXPR",
+              help="Only runs matching this MLflow search filter, e.g. \"params.seed = '0'\".")
 @click.option("--tracking-uri", default=None)
 def compare(experiments: tuple[str, ...], metric: str, group_by: str, fmt: str, plot: str | None,
-            tracking_uri: str | None) -> None:
+            filter_string: str | None, tracking_uri: str | None) -> None:
     """Compare MLflow runs: one row per run, then mean ± std per group."""
     from segan.tracking import run_compare
 
     click.echo(run_compare(list(experiments), metric=metric, group_by=group_by, fmt=fmt,
-                           plot=Path(plot) if plot else None, tracking_uri=tracking_uri))
+                           plot=Path(plot) if plot else None, tracking_uri=tracking_uri,
+                           filter_string=filter_string))
 
 
 @cli.command()

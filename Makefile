@@ -38,6 +38,7 @@ demo: install
 	$(SEGAN) train -c configs/segan_2d.yaml --set data.root=$(DEMO_DIR) --set train.max_minutes=$(DEMO_MINUTES) --set experiment=demo --out $(DEMO_OUT)/segan
 	$(SEGAN) predict -m $(DEMO_OUT)/segan -i $(DEMO_DIR)/imagesTs -o $(DEMO_OUT)/predictions --overwrite
 	$(SEGAN) evaluate -p $(DEMO_OUT)/predictions -g $(DEMO_DIR)/labelsTs --out $(DEMO_OUT)/metrics.csv
+	@echo "The runs of this demo (runs of earlier demos stay in the experiment; the last line counts them):"
 	$(SEGAN) compare -e demo --filter "attributes.start_time >= $(DEMO_SINCE)"
 	@echo ""
 	@echo "Demo outputs (a new make demo replaces them):"

@@ -95,11 +95,15 @@ def train(config: str, overrides: tuple[str, ...], out: str | None, resume: str 
 @click.option("--set", "overrides", multiple=True, metavar="KEY=VALUE", help=_SET_HELP)
 @click.option("--in-channels", type=int, default=None, help="Override channels (else from the data set).")
 def describe(config: str, overrides: tuple[str, ...], in_channels: int | None) -> None:
-    """Print layer output shapes, parameter counts and the critic's receptive fields."""
-    from segan.config import load_config
+    """Print the resolved config (with the source of each value), then layer output shapes,
+    parameter counts and the critic's receptive fields."""
+    from segan.config_layers import format_resolved, resolve_config
     from segan.nets.describe import describe_models
 
-    click.echo(describe_models(load_config(config, overrides), in_channels=in_channels))
+    resolved = resolve_config(config, overrides)
+    click.echo("# resolved config; '# method', '# file', '# --set' mark values that are not the defaults")
+    click.echo(format_resolved(resolved) + "\n")
+    click.echo(describe_models(resolved.config, in_channels=in_channels))
 
 
 # ---------------------------------------------------------------- inference

@@ -331,7 +331,7 @@ def build_data(cfg: Config) -> DataBundle:
     cache_dir = Path(cfg.preprocess.cache_dir).expanduser() if cfg.preprocess.cache_dir else default_cache_dir()
     train_entries, val_entries = datalist["training"], datalist.get("validation") or []
     where = Path(cfg.data.datalist) if cfg.data.datalist else root
-    cases = [entry_case(root, e.get("image"), e.get("label"), where, name=str(e.get("case")))
+    cases = [entry_case(root, e.get("image"), e.get("label"), where, name=str(e["case"]) if e.get("case") else None)
              for e in [*train_entries, *val_entries]]
     _check_files(cases, datalist, root, label_names, cache_dir)
     channels, indices = _resolve_channels(cfg, list(datalist.get("channel_names") or []))

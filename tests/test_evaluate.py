@@ -182,7 +182,7 @@ def test_usage_errors(tmp_path):
         run_evaluate(tmp_path / "p", tmp_path / "gt")
 
 
-def test_swapped_folders_exit_2_with_the_right_command(tmp_path):
+def test_swapped_folders_exit_2_with_the_right_command(tmp_path, capsys):
     """`-p GT -g PRED`: the -g folder holds model.json, predictions.csv and a probability map,
     as `segan predict` writes them, and masks with only the model's label ids."""
     gt, pred = tmp_path / "root" / "labelsTs", tmp_path / "pred"
@@ -206,11 +206,9 @@ def test_swapped_folders_exit_2_with_the_right_command(tmp_path):
     assert "label ids (1, 2)" in lines[0]
     assert lines[0].endswith(f"segan evaluate -p {pred} -g {gt} --out {out}")
     assert not out.exists()
-    right = subprocess.run(cmd + ["-p", str(pred), "-g", str(gt)], capture_output=True, text=True, env=env,
-                           cwd=ROOT, timeout=300)
-    assert right.returncode == 0, right.stderr
+    assert run_evaluate(pred, gt, out=out) == 0  # the right way round
     assert float(read_csv(out)["mean"]["dice_whole"]) == pytest.approx(32 / 36, abs=1e-5)
-    assert f"per-case metrics written to {out}" in right.stdout
+    assert f"per-case metrics written to {out}" in capsys.readouterr().out
 
 
 def test_not_swapped_two_prediction_folders_or_foreign_labels(tmp_path, capsys):

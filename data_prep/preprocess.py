@@ -48,6 +48,7 @@ from monai.transforms import (
     SpatialResample,
 )
 
+from data_prep.cache import default_cache_dir, entry_key  # noqa: F401 - default_cache_dir: re-exported
 from segan.errors import UserError
 
 if TYPE_CHECKING:
@@ -354,28 +355,14 @@ class CachedCase(PreprocessedCase):
     stats: dict = field(default_factory=dict)
 
 
-def default_cache_dir() -> Path:
-    """``$SEGAN_CACHE`` or ``~/.cache/segan``."""
-    env = os.environ.get("SEGAN_CACHE")
-    return Path(env).expanduser() if env else Path.home() / ".cache" / "segan"
-
-
-def _file_key(path: str | Path) -> list:
-    p = Path(path)
-    try:
-        st = p.stat()
-    except OSError:
-        raise UserError(f"{p}: file not found; check the data set (segan prepare check <root>)") from None
-    return [str(p.resolve()), st.st_size, st.st_mtime_ns]
-
-
 class CaseCache:
     """On-disk cache of preprocessed cases: ``<cache_dir>/spec-<hash>/<case>-<key>/``.
 
     Each entry holds ``image.npy`` (Fortran order), ``label.npy`` (if labelled) and
     ``meta.json``; it is written in a temporary folder and renamed into place, so a
     crash or a concurrent writer (e.g. several DDP ranks) never leaves a partial entry.
-    Edited source files get a new key (size and mtime are part of it).
+    Edited source files get a new key (size and mtime are part of it). ``data_prep.cache``
+    keeps the folder bounded (stale and least recently used entries go).
     """
 
     def __init__(self, cache_dir: Path, spec: dict) -> None:
@@ -386,9 +373,7 @@ class CaseCache:
 
     def entry_dir(self, case: Case) -> Path:
         """Where ``case`` is (or will be) cached."""
-        files = {"images": [_file_key(p) for p in case.images],
-                 "label": _file_key(case.label) if case.label else None, "spec": self.spec_hash}
-        key = hashlib.sha256(json.dumps(files, sort_keys=True).encode()).hexdigest()[:16]
+        key = entry_key(case.images, case.label, self.spec_hash)
         safe = re.sub(r"[^A-Za-z0-9._-]+", "_", case.name)[:80] or "case"
         return self.root / f"{safe}-{key}"
 
@@ -397,6 +382,11 @@ class CaseCache:
         entry = self.entry_dir(case)
         if not (entry / "meta.json").is_file():
             self._write(case, entry)
+        else:
+            try:
+                os.utime(entry / "meta.json")  # the last use, for least-recently-used eviction
+            except OSError:
+                pass  # a read-only cache is still a cache
         return self._read(entry, case.name)
 
     def _write(self, case: Case, entry: Path) -> None:

@@ -46,10 +46,14 @@ class TrainResult:
     is_main: bool = True  # rank 0 (or a plain run)
 
     def summary(self) -> str:
+        """One line, ``FINISHED (stopped: time budget): N epochs, ...``; an error or interrupt
+        message follows on its own line."""
         dice = {k: round(v, 4) for k, v in self.metrics.items() if k.startswith("val_dice")}
-        return (f"{self.status}: {self.epochs_done} epochs, best val_dice_mean {self.best_metric:.4f}, "
-                f"last {dice}; outputs in {self.out_dir}" + (f"; MLflow run {self.run_id}" if self.run_id else "")
-                + (f"\n{self.message}" if self.message else ""))
+        stop = self.message.startswith("stopped: ")
+        return (f"{self.status}{f' ({self.message})' if stop else ''}: {self.epochs_done} epochs, "
+                f"best val_dice_mean {self.best_metric:.4f}, last {dice}; outputs in {self.out_dir}"
+                + (f"; MLflow run {self.run_id}" if self.run_id else "")
+                + (f"\n{self.message}" if self.message and not stop else ""))
 
 
 def adversarial_weight(cfg: Config, epoch_float: float) -> float:

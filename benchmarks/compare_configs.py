@@ -88,7 +88,8 @@ def run_job(job: Job, data: Path, minutes: float) -> Result:
                   "--set", "train.progress=false", *[a for s in job.sets for a in ("--set", s)], log=log)
     result = Result(job.name, job.config, job.seed, train.returncode,
                     train_minutes=(time.monotonic() - start) / 60)
-    stops = [line.split("stopped: ", 1)[1].strip() for line in (train.stdout + train.stderr).splitlines()
+    # the summary line reads "FINISHED (stopped: time budget): 40 epochs, ..."
+    stops = [line.split("stopped: ", 1)[1].split(")")[0].strip() for line in (train.stdout + train.stderr).splitlines()
              if "stopped: " in line]
     result.stop = stops[-1] if stops else ""
     if train.returncode != 0 or not (job.out / "run" / "best.pt").exists():

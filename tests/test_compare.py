@@ -162,8 +162,10 @@ def test_filter_keeps_matching_runs_and_says_how_many_it_left_out(store):
 def test_sweep_input_errors():
     from segan.sweep import child_overrides, parse_seeds, run_sweep
 
-    with pytest.raises(UserError, match="unknown method gan; allowed: .*segan"):
-        run_sweep(str(SMOKE), methods="segan,gan", seeds="0", overrides=[], tracking_uri=None)
+    with pytest.raises(UserError, match="unknown method segn \\(did you mean 'segan'\\?\\); allowed: .*bce"):
+        run_sweep(str(SMOKE), methods="segn,bce", seeds="0", overrides=[], tracking_uri=None)
+    with pytest.raises(UserError, match="unknown method xyz, qq; allowed: .*segan"):
+        run_sweep(str(SMOKE), methods="segan,xyz,qq", seeds="0", overrides=[], tracking_uri=None)
     with pytest.raises(UserError, match="'x' is not an integer"):
         parse_seeds("0,x")
     # A baseline swept from a SegAN config gets the baseline's family: its critic, no clamp;

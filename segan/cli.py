@@ -79,6 +79,20 @@ def prepare_check(root: str, as_json: bool, datalist: str | None, seed: int, val
     sys.exit(code)
 
 
+@prepare.command("fingerprint")
+@click.argument("source", type=click.Path())
+@click.option("--json", "as_json", is_flag=True, help="Print the whole fingerprint as JSON.")
+@click.option("--refresh", is_flag=True, help="Recompute even if the cache is current.")
+def prepare_fingerprint(source: str, as_json: bool, refresh: bool) -> None:
+    """Shapes, spacings, intensities and label sizes of a data set's training cases (cached)."""
+    import json
+
+    from data_prep.fingerprint import format_fingerprint, load_fingerprint
+
+    fp, cache, from_cache = load_fingerprint(Path(source), refresh=refresh)
+    click.echo(json.dumps(fp, indent=2) if as_json else format_fingerprint(fp, cache, from_cache))
+
+
 # ---------------------------------------------------------------- train
 @cli.command()
 @click.option("-c", "--config", "config", type=click.Path(), required=True, help="YAML config.")

@@ -16,7 +16,7 @@ no trainer): nibabel, numpy, torch and MONAI's ``UNet`` and ``DiceLoss`` only.
   training foreground's mean and std.
 - Training: Adam, lr 1e-3, batch of 16 slices, half of them drawn from slices holding a
   label, random in-plane flips, a U-Net with channels 16-32-64-128 and instance norm;
-  runs for ``--minutes`` of wall time, validating on a held-out fifth of the training
+  runs for ``--minutes`` of wall time (the training set is held in memory), validating on a held-out fifth of the training
   cases every tenth of the budget (the validation time counts) and keeping the best.
 - Test: predicts ``imagesTs/`` on each scan's own grid (same shape and affine), writes
   the masks to ``OUT/predictions/`` and scores them with the same code as
@@ -188,8 +188,11 @@ def main(argv: list[str] | None = None) -> int:
     ds = read_dataset(args.data)
     region_ids = list(ds["regions"].values())
 
-    raw = [(load_scan(i)[0], np.rint(np.asarray(nib.load(str(lab)).dataobj)).astype(np.int16),
-            axial_axis(nib.load(str(i)).affine)) for i, lab in ds["training"]]
+    raw = []
+    for image_path, label_path in ds["training"]:
+        image, img = load_scan(image_path)
+        label = np.rint(np.asarray(nib.load(str(label_path)).dataobj)).astype(np.int16)
+        raw.append((image, label, axial_axis(img.affine)))
     n_channels = raw[0][0].shape[0]
     names = ds["channels"] if len(ds["channels"]) == n_channels else [""] * n_channels
     ct = [args.modality == "ct" or (args.modality == "auto" and n.strip().lower() == "ct") for n in names]
@@ -198,10 +201,12 @@ def main(argv: list[str] | None = None) -> int:
     val_idx, train_idx = sorted(order[:n_val]), sorted(order[n_val:])
     normalise = Normaliser(ct, [(raw[i][0], raw[i][1]) for i in train_idx])
     cases = [(normalise(image), label, axis) for image, label, axis in raw]
+    del raw
 
     # Training slices: (case, slice) pairs; half of every batch from slices with a label.
     slices = [(to_slices(cases[i][0], cases[i][2]), to_slices(np.stack(
         [np.isin(cases[i][1], r) for r in region_ids]).astype(np.float32), cases[i][2])) for i in train_idx]
+    cases = {i: cases[i] for i in val_idx}   # the training volumes live on as slices only
     all_pairs = [(c, s) for c, (img, _) in enumerate(slices) for s in range(len(img))]
     fg_pairs = [(c, s) for c, s in all_pairs if slices[c][1][s].any()] or all_pairs
 
@@ -232,10 +237,10 @@ def main(argv: list[str] | None = None) -> int:
             next_val += val_every
             if elapsed >= budget:
                 break
-        picks = [fg_pairs[j] if b % 2 == 0 else all_pairs[j]
-                 for b in range(args.batch) for j in [rng.integers(len(fg_pairs) if b % 2 == 0 else len(all_pairs))]]
         imgs, tgts = [], []
-        for c, s in picks:
+        for b in range(args.batch):
+            pool = fg_pairs if b % 2 == 0 else all_pairs
+            c, s = pool[rng.integers(len(pool))]
             img, tgt = slices[c][0][s], slices[c][1][s]
             for ax in (1, 2):
                 if rng.random() < 0.5:

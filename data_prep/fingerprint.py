@@ -8,7 +8,7 @@ of connected components (26-connectivity, as :mod:`segan.postprocess`). Over the
 set: median shape and spacing, 10th-percentile spacing per axis, anisotropy (largest /
 smallest median spacing), pooled intensity statistics, and each channel's modality
 (``CT`` when ``dataset.json`` names it so or its intensities look like Hounsfield units:
-air near -1000, many voxels below -500).
+air near -1000, many voxels below -500; ``MR`` for MR contrast names; else ``other``).
 
 The result is a JSON-able dict, cached as a file keyed by the version, the sampling
 settings and every file's path, size and mtime: a second call on unchanged data costs
@@ -33,6 +33,7 @@ PERCENTILES = (0.5, 5.0, 50.0, 95.0, 99.5)
 SAMPLES_PER_CASE = 20_000        # intensity samples per case and mask (nnU-Net: 10 000 foreground voxels)
 MASK_MAX_VOXELS = 8_000_000      # body mask on a strided copy above this (a 512^2 x 300 CT)
 CT_NAMES = ("ct",)
+MR_NAME_PREFIXES = ("t1", "t2", "flair", "fla", "pd", "dwi", "adc", "swi", "mr", "dce", "perf", "cbv")
 AIR_HU = (-1100.0, -900.0)
 
 
@@ -125,15 +126,20 @@ def _case_fingerprint(case: _Case, label_ids: list[int]) -> tuple[dict, list[dic
     return row, samples
 
 
-def _is_ct(name: str, channel_rows: list[dict]) -> str | None:
-    """Why a channel counts as CT (``dataset.json`` / ``HU-like intensities``), or None."""
-    if name.strip().lower() in CT_NAMES:
-        return "dataset.json"
+def _modality(name: str, channel_rows: list[dict]) -> tuple[str, str]:
+    """``(CT | MR | other, why)``: the channel's name in ``dataset.json`` (CT, or an MR
+    contrast), else CT if the intensities look like Hounsfield units (air near -1000,
+    many voxels below -500)."""
+    key = name.strip().lower()
+    if key in CT_NAMES:
+        return "CT", "dataset.json"
+    if key.startswith(MR_NAME_PREFIXES):
+        return "MR", "dataset.json"
     below = np.median([c["fraction_below_-500"] for c in channel_rows])
     air = np.median([c["fraction_air_hu"] for c in channel_rows])
     if below >= 0.05 and air >= 0.02:
-        return "HU-like intensities"
-    return None
+        return "CT", "HU-like intensities"
+    return "other", "default"
 
 
 def _summary(rows: list[dict]) -> dict:
@@ -172,9 +178,9 @@ def compute_fingerprint(name: str, root: str, channel_names: list[str], label_na
     channels = []
     for c, cname in enumerate(names):
         per_case = [r["channels"][c] for r in rows]
-        reason = _is_ct(cname, per_case)
+        modality, reason = _modality(cname, per_case)
         channels.append({
-            "name": cname, "modality": "CT" if reason else "MR", "modality_source": reason or "default",
+            "name": cname, "modality": modality, "modality_source": reason,
             "foreground": _stats(np.concatenate([p[c]["fg"] for p in pooled])),
             "body": _stats(np.concatenate([p[c]["body"] for p in pooled])),
             "min": float(min(x["min"] for x in per_case)), "max": float(max(x["max"] for x in per_case))})
@@ -270,9 +276,9 @@ def format_fingerprint(fp: dict, cache: Path, from_cache: bool) -> str:
              f"anisotropy {summary['anisotropy']:.2g}; orientations {orientations}"]
     for ch in fp["channels"]:
         fg = ch["foreground"]
-        lines.append(f"  channel {ch['name']}: {ch['modality']} ({ch['modality_source']}); foreground "
-                     f"p0.5/p50/p99.5 {fg['p0.5']:.4g}/{fg['p50']:.4g}/{fg['p99.5']:.4g}, "
-                     f"mean {fg['mean']:.4g}, std {fg['std']:.4g}")
+        values = (f"p0.5/p50/p99.5 {fg['p0.5']:.4g}/{fg['p50']:.4g}/{fg['p99.5']:.4g}, mean {fg['mean']:.4g}, "
+                  f"std {fg['std']:.4g}") if fg else "no labelled voxels"
+        lines.append(f"  channel {ch['name']}: {ch['modality']} ({ch['modality_source']}); foreground {values}")
     for key, lab in fp["labels"].items():
         vol, comp = lab["volume_ml"], lab["components"]
         title = "foreground (label > 0)" if key == "foreground" else f"label {key} {lab['name']}"

@@ -47,6 +47,14 @@ def test_ct_is_detected_by_name_and_by_hounsfield_intensities(sets, tmp_path):
     assert (fp["modality"], fp["channels"][0]["modality_source"]) == ("CT", "HU-like intensities")
     mr, _, _ = _fp(sets["default"], tmp_path, "mr.json")
     assert mr["modality"] == "MR" and [c["name"] for c in mr["channels"]] == ["T1", "T1ce", "T2", "FLAIR"]
+    # MR intensities under names that say nothing: not taken for CT.
+    unnamed = tmp_path / "unnamed"
+    shutil.copytree(sets["default"], unnamed)
+    meta = json.loads((unnamed / "dataset.json").read_text())
+    meta["channel_names"] = meta["modality"] = {str(i): f"seq{i}" for i in range(4)}
+    (unnamed / "dataset.json").write_text(json.dumps(meta))
+    fp, _, _ = _fp(unnamed, tmp_path, "unnamed.json")
+    assert fp["modality"] == "other" and {c["modality_source"] for c in fp["channels"]} == {"default"}
 
 
 def test_geometry_of_the_2mm_and_1x1x4_sets(sets, tmp_path):
@@ -95,6 +103,7 @@ def test_label_volumes_in_ml_and_components_of_known_spheres(tmp_path):
     assert case["components"] == 2 and fp["labels"]["1"]["components"]["max"] == 2
     assert fp["labels"]["1"]["name"] == "ball" and fp["labels"]["1"]["cases_present"] == 2
     assert fp["channels"][0]["foreground"]["mean"] == pytest.approx(120, abs=0.5)
+    assert (fp["modality"], fp["channels"][0]["modality_source"]) == ("MR", "dataset.json")
 
 
 def test_cache_is_hit_the_second_time_and_dropped_when_a_file_changes(sets, tmp_path):

@@ -215,7 +215,7 @@ def _source(path: Path) -> tuple[str, str, list[str], dict[int, str], list[_Case
                             "or the data-set folder") from None
         return (str(listing.get("name", path.stem)), str(listing.get("root", path.parent)), channel_names, labels,
                 sorted(cases, key=lambda c: c.name), path.with_name(path.stem + ".fingerprint.json"))
-    from data_prep.cache_keys import default_cache_dir
+    from data_prep.cache import default_cache_dir
     from data_prep.msd import load_dataset
 
     info = load_dataset(path)
@@ -228,7 +228,7 @@ def _source(path: Path) -> tuple[str, str, list[str], dict[int, str], list[_Case
 
 
 def _cache_key(cases: list[_Case]) -> str:
-    from data_prep.cache_keys import file_key
+    from data_prep.cache import file_key
 
     files = [[c.name, [file_key(p) for p in c.images], file_key(c.label)] for c in cases]
     settings = [FINGERPRINT_VERSION, PERCENTILES, SAMPLES_PER_CASE, MASK_MAX_VOXELS]

@@ -29,6 +29,15 @@ def is_nifti(path: str | Path) -> bool:
     return str(path).endswith(NIFTI_SUFFIXES)
 
 
+def nifti_files(folder: str | Path) -> list[Path]:
+    """NIfTI files of a folder, sorted; hidden files (macOS ``._x``, temp files) skipped;
+    ``[]`` when the folder does not exist."""
+    folder = Path(folder)
+    if not folder.is_dir():
+        return []
+    return sorted(p for p in folder.iterdir() if p.is_file() and is_nifti(p) and not p.name.startswith("."))
+
+
 def stem(path: str | Path) -> str:
     """File name without ``.nii.gz`` / ``.nii``."""
     name = Path(path).name

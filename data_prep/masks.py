@@ -1,4 +1,4 @@
-"""The body/head mask that preprocessing crops to and normalises over (numpy, scipy, scikit-image only)."""
+"""The body/head mask that preprocessing crops to and normalises over (no torch or MONAI imports)."""
 
 from __future__ import annotations
 
@@ -25,6 +25,8 @@ def foreground_mask(image: np.ndarray, min_fraction: float = 0.005) -> np.ndarra
     from scipy import ndimage
     from skimage.filters import threshold_otsu
 
+    from segan.postprocess import keep_largest_component
+
     spatial = image.shape[1:]
     everything = np.ones(spatial, dtype=bool)
     step = max(1, int(np.prod(spatial)) // 1_000_000)  # percentiles from <= ~1M voxels
@@ -37,12 +39,10 @@ def foreground_mask(image: np.ndarray, min_fraction: float = 0.005) -> np.ndarra
     if float(mean.max() - mean.min()) < 1e-6:
         return everything
     mask = mean > threshold_otsu(mean)
-    components, count = ndimage.label(mask)
-    if count == 0:
+    if not mask.any():
         return everything
-    sizes = np.bincount(components.ravel())
-    sizes[0] = 0
-    mask = ndimage.binary_fill_holes(components == int(sizes.argmax()))
+    # Face connectivity: preprocessing spec version 1 is defined with it (replayed exactly).
+    mask = ndimage.binary_fill_holes(keep_largest_component(mask, connectivity=1))
     if mask.mean() < min_fraction:
         return everything
     return mask

@@ -8,7 +8,7 @@ from __future__ import annotations
 import re
 from dataclasses import asdict, dataclass, fields, replace
 
-from segan.errors import UserError
+from segan.errors import UserError, did_you_mean
 
 MODALITIES = ("mr", "ct")
 DTYPES = ("float32", "int16", "uint8", "mixed")       # mixed: float32 and int16 cases alternate
@@ -99,7 +99,8 @@ def resolve_spec(variant: str = "default", **overrides: object) -> PhantomSpec:
     variant without an explicit ``channels`` gets 1, an explicit 4 is an error.
     """
     if variant not in VARIANTS:
-        raise UserError(f"--variant {variant!r}: unknown; choose one of {', '.join(VARIANTS)}")
+        raise UserError(f"--variant {variant!r}: unknown{did_you_mean(variant, list(VARIANTS))}; choose one of "
+                        f"{', '.join(VARIANTS)}")
     known = {f.name for f in fields(PhantomSpec)}
     unknown = sorted(set(overrides) - known)
     if unknown:

@@ -48,8 +48,8 @@ from monai.transforms import (
     SpatialResample,
 )
 
-from data_prep.cache_keys import default_cache_dir, file_key  # noqa: F401 (re-exported)
-from data_prep.masks import foreground_mask  # noqa: F401 (re-exported)
+from data_prep.cache import default_cache_dir, entry_key  # noqa: F401 - default_cache_dir: re-exported
+from data_prep.masks import foreground_mask  # noqa: F401 - re-exported
 from segan.errors import UserError
 
 if TYPE_CHECKING:
@@ -319,7 +319,8 @@ class CaseCache:
     Each entry holds ``image.npy`` (Fortran order), ``label.npy`` (if labelled) and
     ``meta.json``; it is written in a temporary folder and renamed into place, so a
     crash or a concurrent writer (e.g. several DDP ranks) never leaves a partial entry.
-    Edited source files get a new key (size and mtime are part of it).
+    Edited source files get a new key (size and mtime are part of it). ``data_prep.cache``
+    keeps the folder bounded (stale and least recently used entries go).
     """
 
     def __init__(self, cache_dir: Path, spec: dict) -> None:
@@ -330,9 +331,7 @@ class CaseCache:
 
     def entry_dir(self, case: Case) -> Path:
         """Where ``case`` is (or will be) cached."""
-        files = {"images": [file_key(p) for p in case.images],
-                 "label": file_key(case.label) if case.label else None, "spec": self.spec_hash}
-        key = hashlib.sha256(json.dumps(files, sort_keys=True).encode()).hexdigest()[:16]
+        key = entry_key(case.images, case.label, self.spec_hash)
         safe = re.sub(r"[^A-Za-z0-9._-]+", "_", case.name)[:80] or "case"
         return self.root / f"{safe}-{key}"
 
@@ -341,6 +340,11 @@ class CaseCache:
         entry = self.entry_dir(case)
         if not (entry / "meta.json").is_file():
             self._write(case, entry)
+        else:
+            try:
+                os.utime(entry / "meta.json")  # the last use, for least-recently-used eviction
+            except OSError:
+                pass  # a read-only cache is still a cache
         return self._read(entry, case.name)
 
     def _write(self, case: Case, entry: Path) -> None:

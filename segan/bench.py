@@ -7,7 +7,8 @@ Everything is measured in one process on one device:
   separate critic passes for fake and real, weight clamp in a Python loop, the target
   branch recorded by autograd, plain (foreach) Adam, no ``cudnn.benchmark``, no compile.
   ``fast`` takes the config's switches (all on by default): bf16 autocast, channels-last,
-  one critic pass over ``[fake; real]``, foreach clamp, target branch under ``no_grad``,
+  one critic pass over ``[fake; real]`` (only where it equals two passes: no batch norm,
+  dropout or spectral norm in the critic), foreach clamp, target branch under ``no_grad``,
   fused Adam, ``cudnn.benchmark`` and ``torch.compile`` when ``train.compile`` is set
   (AMP, channels-last and fused Adam act on CUDA only; the Trainer ignores them on CPU).
   Batches are synthetic (random image, nested random 0/1 regions) and already on the

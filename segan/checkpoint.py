@@ -5,8 +5,9 @@ never trusted code), so it holds tensors, numbers, strings, lists and dicts only
 
 Keys: ``format``; ``config`` (resolved config dict); ``meta`` (see :func:`make_meta`);
 ``segmentor`` / ``critic`` state dicts; ``opt_seg`` / ``opt_critic`` / ``sched_seg`` /
-``sched_critic`` / ``scaler`` states; ``epoch``, ``step``, ``best_metric``, ``rng``,
-``mlflow_run_id``, ``metrics`` (last validation metrics).
+``sched_critic`` states; ``epoch``, ``step``, ``best_metric``, ``rng``, ``history`` (per-epoch
+records up to this checkpoint's epoch), ``mlflow_run_id``. Checkpoints of earlier versions
+may also hold a ``scaler`` state, which is ignored (bf16 needs no loss scaling).
 """
 
 from __future__ import annotations

@@ -14,9 +14,17 @@ import click
 
 from data_prep.phantom_spec import DTYPES, MODALITIES, STRUCTURES, VARIANTS, resolve_spec
 from segan import __version__
-from segan.errors import UserError
+from segan.errors import UserError, did_you_mean
 
 _SET_HELP = "Override a config key, e.g. --set train.epochs=3 (repeatable)."
+
+
+class Choice(click.Choice):
+    """``click.Choice`` whose error also names the closest choice: click suggests mistyped
+    options and commands itself, but not mistyped values."""
+
+    def get_invalid_choice_message(self, value, ctx) -> str:
+        return super().get_invalid_choice_message(value, ctx).rstrip(".") + did_you_mean(value, self.choices) + "."
 
 
 @click.group(context_settings={"help_option_names": ["-h", "--help"], "max_content_width": 100})
@@ -38,16 +46,16 @@ def prepare() -> None:
               help="Field of view in mm per side (= voxels at 1 mm).")
 @click.option("--seed", type=int, default=0, show_default=True)
 @click.option("--test-fraction", type=click.FloatRange(0.0, 0.9), default=0.25, show_default=True)
-@click.option("--variant", type=click.Choice(list(VARIANTS)), default="default", show_default=True,
+@click.option("--variant", type=Choice(list(VARIANTS)), default="default", show_default=True,
               help="Preset (README: Phantom variants); the options below override it.")
-@click.option("--channels", type=click.Choice(["1", "4"]), default=None,
+@click.option("--channels", type=Choice(["1", "4"]), default=None,
               help="4: T1, T1ce, T2, FLAIR; 1: a T1-like image (CT always 1).")
 @click.option("--spacing", default=None, help="Voxel size in mm: 2 or 1,1,4 (anatomy sampled accordingly).")
 @click.option("--orientation", default=None, help="Stored axis code: RAS, LPS, LAS, ...")
-@click.option("--modality", type=click.Choice(MODALITIES), default=None, help="mr, or ct (Hounsfield units).")
-@click.option("--dtype", type=click.Choice(DTYPES), default=None,
+@click.option("--modality", type=Choice(MODALITIES), default=None, help="mr, or ct (Hounsfield units).")
+@click.option("--dtype", type=Choice(DTYPES), default=None,
               help="int16 with scl_slope/scl_inter, uint8 rescaled, mixed = float32 and int16 cases.")
-@click.option("--structures", type=click.Choice(STRUCTURES), default=None,
+@click.option("--structures", type=Choice(STRUCTURES), default=None,
               help="tumour (one), large (one large tumour) or small (6-12 small lesions).")
 @click.option("--sform-only/--qform", "sform_only", default=None, help="Write qform code 0 (affine in the sform only).")
 def prepare_phantoms(out: str, cases: int, size: int, seed: int, test_fraction: float, variant: str,
@@ -119,11 +127,15 @@ def train(config: str, overrides: tuple[str, ...], out: str | None, resume: str 
 @click.option("--set", "overrides", multiple=True, metavar="KEY=VALUE", help=_SET_HELP)
 @click.option("--in-channels", type=int, default=None, help="Override channels (else from the data set).")
 def describe(config: str, overrides: tuple[str, ...], in_channels: int | None) -> None:
-    """Print layer output shapes, parameter counts and the critic's receptive fields."""
-    from segan.config import load_config
+    """Print the resolved config (with the source of each value), then layer output shapes,
+    parameter counts and the critic's receptive fields."""
+    from segan.config_layers import format_resolved, resolve_config
     from segan.nets.describe import describe_models
 
-    click.echo(describe_models(load_config(config, overrides), in_channels=in_channels))
+    resolved = resolve_config(config, overrides)
+    click.echo("# resolved config; '# method', '# file', '# --set' mark values that are not the defaults")
+    click.echo(format_resolved(resolved) + "\n")
+    click.echo(describe_models(resolved.config, in_channels=in_channels))
 
 
 # ---------------------------------------------------------------- inference
@@ -173,17 +185,20 @@ def evaluate(pred: str, gt: str, regions: str | None, out: str | None, run_id: s
 @click.option("-e", "--experiment", "experiments", multiple=True, help="Experiment name (repeatable).")
 @click.option("--metric", default="val_dice_mean", show_default=True)
 @click.option("--group-by", default="method", show_default=True)
-@click.option("--format", "fmt", type=click.Choice(["table", "csv", "json", "markdown"]), default="table",
+@click.option("--format", "fmt", type=Choice(["table", "csv", "json", "markdown"]), default="table",
               show_default=True)
 @click.option("--plot", type=click.Path(dir_okay=False), default=None, help="Write curves and bars (PNG).")
+@click.option("--filter", "filter_string", default=None, metavar="EXPR",
+              help="Only runs matching this MLflow search filter, e.g. \"params.seed = '0'\".")
 @click.option("--tracking-uri", default=None)
 def compare(experiments: tuple[str, ...], metric: str, group_by: str, fmt: str, plot: str | None,
-            tracking_uri: str | None) -> None:
+            filter_string: str | None, tracking_uri: str | None) -> None:
     """Compare MLflow runs: one row per run, then mean ± std per group."""
     from segan.tracking import run_compare
 
     click.echo(run_compare(list(experiments), metric=metric, group_by=group_by, fmt=fmt,
-                           plot=Path(plot) if plot else None, tracking_uri=tracking_uri))
+                           plot=Path(plot) if plot else None, tracking_uri=tracking_uri,
+                           filter_string=filter_string))
 
 
 @cli.command()
@@ -200,11 +215,39 @@ def sweep(config: str, methods: str, seeds: str, overrides: tuple[str, ...], tra
                        tracking_uri=tracking_uri))
 
 
+# ---------------------------------------------------------------- cache
+@cli.group()
+def cache() -> None:
+    """Inspect or empty the preprocessing cache (bounded by $SEGAN_CACHE_MAX_GB, default 2 GB)."""
+
+
+_CACHE_DIR = click.option("--dir", "cache_dir", type=click.Path(file_okay=False), default=None,
+                          help="Cache folder [$SEGAN_CACHE or ~/.cache/segan; a config's preprocess.cache_dir].")
+
+
+@cache.command("info")
+@_CACHE_DIR
+def cache_info_command(cache_dir: str | None) -> None:
+    """Size, number of cached cases, stale entries and the limit."""
+    from data_prep.cache import cache_info, default_cache_dir
+
+    click.echo(cache_info(Path(cache_dir) if cache_dir else default_cache_dir()))
+
+
+@cache.command("clear")
+@_CACHE_DIR
+def cache_clear_command(cache_dir: str | None) -> None:
+    """Remove every cached case and the remembered file checks."""
+    from data_prep.cache import clear_cache, default_cache_dir
+
+    click.echo(clear_cache(Path(cache_dir) if cache_dir else default_cache_dir()))
+
+
 # ---------------------------------------------------------------- bench
 @cli.command()
 @click.option("-c", "--config", "config", type=click.Path(), default="configs/segan_2d.yaml", show_default=True)
 @click.option("--set", "overrides", multiple=True, metavar="KEY=VALUE", help=_SET_HELP)
-@click.option("--device", type=click.Choice(["auto", "cpu", "cuda"]), default="auto", show_default=True)
+@click.option("--device", type=Choice(["auto", "cpu", "cuda"]), default="auto", show_default=True)
 @click.option("--steps", type=click.IntRange(2, None), default=20, show_default=True)
 @click.option("--json", "json_out", type=click.Path(dir_okay=False), default=None)
 def bench(config: str, overrides: tuple[str, ...], device: str, steps: int, json_out: str | None) -> None:

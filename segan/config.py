@@ -17,7 +17,7 @@ from typing import Any, Optional, Union
 
 import yaml
 
-from segan.errors import UserError
+from segan.errors import UserError, did_you_mean
 
 DEFAULT_DATA_ROOT = "data/phantoms"
 
@@ -70,9 +70,9 @@ class ModelConfig:
     channels: list[int] = field(default_factory=lambda: [32, 64, 128, 256])
     strides: list[int] = field(default_factory=lambda: [2, 2, 2])
     num_res_units: int = 1
-    norm: str = "batch"  # batch | instance
+    norm: str = "instance"  # instance | batch (instance: 2D slice batches mix cases and empty slices)
     dropout: float = 0.0
-    critic: str = "segan"  # segan | patchgan | attention
+    critic: str = "segan"  # segan | patchgan | attention | none (set by the method family)
     critic_channels: list[int] = field(default_factory=lambda: [64, 128, 256])
     critic_norm: str = "batch"  # batch | instance | none
     spectral_norm: bool = False
@@ -80,16 +80,16 @@ class ModelConfig:
 
 @dataclass
 class MethodConfig:
-    name: str = "segan"  # segan | bce | lsgan | wgangp | supervised
+    name: str = "segan"  # a segan.methods.METHODS name; the method's family sets the keys it owns
     w_adv: float = 0.1
     w_seg: float = 1.0
     seg_loss: str = "dicebce"  # dice | dicebce
     dice_batch: bool = True  # Dice over the whole batch, not per slice
     critic_steps: int = 1
     clamp: Optional[float] = 0.05  # critic weight clamp (SegAN); null = off
-    gp_lambda: float = 10.0  # gradient penalty weight (wgangp, or SegAN critic if >0 with gp)
+    gp_lambda: float = 10.0  # gradient penalty weight (wgangp)
     l1_weighting: str = "paper"  # paper (mean of per-scale L1) | reference (1,1,2,2,2,2,4)
-    feature_norm: bool = True  # divide each scale's L1 by its target-feature magnitude
+    feature_norm: bool = True  # each scale's L1 relative to mean|fake| + mean|real| (in [0, 1])
     adv_warmup_epochs: int = 0  # segmentation-only epochs before the adversarial term
     adv_ramp_epochs: int = 0  # then ramp w_adv linearly over this many epochs
 
@@ -122,7 +122,7 @@ class TrainConfig:
     channels_last: bool = True  # on CUDA only
     compile: bool = False  # torch.compile the segmentor; falls back to eager on failure
     cudnn_benchmark: bool = True
-    fused_critic: bool = True  # one critic pass over [fake; real] in the critic step
+    fused_critic: bool = True  # one critic pass over [fake; real] where that equals two passes
     foreach_clamp: bool = True  # clamp critic weights with one foreach kernel, not a Python loop
     target_no_grad: bool = True  # SegAN: critic features of image*truth without autograd graph
     deterministic: bool = False
@@ -168,7 +168,7 @@ CHOICES: dict[str, tuple[str, ...]] = {
     "preprocess.normalize": ("zscore", "percentile", "none"),
     "model.segmentor": ("unet", "basicunet", "dynunet"),
     "model.norm": ("batch", "instance"),
-    "model.critic": ("segan", "patchgan", "attention"),
+    "model.critic": ("segan", "patchgan", "attention", "none"),
     "model.critic_norm": ("batch", "instance", "none"),
     "method.seg_loss": ("dice", "dicebce"),
     "method.l1_weighting": ("paper", "reference"),
@@ -231,7 +231,8 @@ def _build(cls: type, values: dict, prefix: str = "") -> Any:
     for key, value in values.items():
         full = f"{prefix}.{key}" if prefix else str(key)
         if key not in names:
-            raise UserError(f"unknown config key '{full}'; allowed keys here: {', '.join(names)}")
+            hint = did_you_mean(str(key), names, prefix=f"{prefix}." if prefix else "")
+            raise UserError(f"unknown config key '{full}'{hint}; allowed keys here: {', '.join(names)}")
         kwargs[key] = _coerce(value, hints[key], full)
     return cls(**kwargs)
 
@@ -241,12 +242,14 @@ def _check_choices(cfg: Config) -> None:
         section, name = key.split(".")
         value = getattr(getattr(cfg, section), name)
         if value not in allowed:
-            raise UserError(f"config key '{key}' is {value!r}; allowed values: {', '.join(allowed)}")
+            raise UserError(f"config key '{key}' is {value!r}{did_you_mean(value, allowed)}; "
+                            f"allowed values: {', '.join(allowed)}")
     from segan.methods import METHODS
 
     if cfg.method.name not in METHODS:
         raise UserError(
-            f"config key 'method.name' is {cfg.method.name!r}; allowed values: {', '.join(METHODS)}"
+            f"config key 'method.name' is {cfg.method.name!r}{did_you_mean(cfg.method.name, METHODS)}; "
+            f"allowed values: {', '.join(METHODS)}"
         )
     if cfg.data.spatial_dims not in (2, 3):
         raise UserError(f"config key 'data.spatial_dims' is {cfg.data.spatial_dims}; allowed values: 2, 3")
@@ -316,9 +319,12 @@ def read_yaml(path: str | Path) -> dict:
 
 
 def load_config(path: str | Path | None, overrides: list[str] | tuple[str, ...] = ()) -> Config:
-    """Read a YAML config (or the defaults when ``path`` is None), apply overrides, validate."""
-    raw = read_yaml(path) if path else {}
-    return from_dict(apply_overrides(raw, list(overrides)))
+    """The resolved config: dataclass defaults, then the method's family, then the YAML file
+    (none when ``path`` is None), then ``--set`` overrides; validated
+    (:func:`segan.config_layers.resolve_config` also says where each value came from)."""
+    from segan.config_layers import resolve_config
+
+    return resolve_config(path, overrides).config
 
 
 def to_dict(cfg: Any) -> dict:

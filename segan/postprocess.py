@@ -23,6 +23,18 @@ from skimage import measure, morphology
 from segan.config import PostprocessConfig
 
 
+def keep_largest_component(mask: np.ndarray, connectivity: int | None = None) -> np.ndarray:
+    """The largest connected component of a boolean mask (all False when the mask is empty).
+
+    ``connectivity``: 1 = neighbours share a face, ``mask.ndim`` (default) = a face, an edge
+    or a corner (``skimage.measure.label`` semantics).
+    """
+    components = measure.label(mask, connectivity=connectivity or mask.ndim)
+    sizes = np.bincount(components.ravel())
+    sizes[0] = 0
+    return components == int(sizes.argmax())
+
+
 def clean_mask(mask: np.ndarray, largest_component: bool = False, min_size: int = 0,
                fill_holes: bool = False) -> np.ndarray:
     """``(X, Y, Z)`` boolean mask -> cleaned boolean mask of the same shape."""
@@ -34,10 +46,7 @@ def clean_mask(mask: np.ndarray, largest_component: bool = False, min_size: int 
         # skimage >= 0.26: objects of max_size voxels or fewer go, i.e. those under min_size.
         mask = morphology.remove_small_objects(mask, max_size=int(min_size) - 1, connectivity=connectivity)
     if largest_component and mask.any():
-        components = measure.label(mask, connectivity=connectivity)
-        sizes = np.bincount(components.ravel())
-        sizes[0] = 0
-        mask = components == int(sizes.argmax())
+        mask = keep_largest_component(mask, connectivity)
     if fill_holes and mask.any():
         mask = ndimage.binary_fill_holes(mask)
     return mask

@@ -3,29 +3,20 @@
 All children share the config's segmentor, epochs and data split: the split is written
 once to a data list (unless the config already names one) and every child reads it, so
 the seed changes initialisation, sampling and augmentation, never the validation cases.
-When a child's method is not the config's own, the settings that only make sense for
-that method family are switched as in the shipped ``configs/<method>_2d.yaml`` (table
-:data:`METHOD_SETTINGS`); ``--set`` overrides come last and win.
+A child whose method is not the config's own gets that method's family settings
+(:func:`segan.config_layers.resolve_config` with ``method=``): the file's values for keys
+a method owns are dropped, ``--set`` overrides come last and win. Every sweep gets a new
+name (config and start time), so a re-run makes new runs and folders.
 """
 
 from __future__ import annotations
 
 import json
 import sys
+import time
 from pathlib import Path
 
 from segan.errors import UserError
-
-# Settings that follow the method (critic type, weight clamp, adversarial weight), as in configs/*.
-_GAN_BASELINE = ["model.critic=patchgan", "method.clamp=null", "method.w_adv=0.05"]
-METHOD_SETTINGS: dict[str, list[str]] = {
-    "segan": ["model.critic=segan", "method.clamp=0.05", "method.w_adv=0.1"],
-    "bce": _GAN_BASELINE,
-    "lsgan": _GAN_BASELINE,
-    "hinge": _GAN_BASELINE,
-    "wgangp": ["model.critic=patchgan", "model.critic_norm=instance", "method.clamp=null", "method.w_adv=0.01"],
-    "supervised": [],
-}
 
 
 def parse_list(text: str, what: str) -> list[str]:
@@ -46,12 +37,9 @@ def parse_seeds(text: str) -> list[int]:
     return seeds
 
 
-def child_overrides(base_method: str, method: str, seed: int, datalist: str, run_name: str,
-                    overrides: list[str]) -> list[str]:
-    """The ``--set`` list of one child: method family settings, method, seed, split, then the user's."""
-    family = METHOD_SETTINGS.get(method, []) if method != base_method else []
-    return [*family, f"method.name={method}", f"seed={seed}", f"data.datalist={datalist}",
-            f"run_name={run_name}", *overrides]
+def child_overrides(seed: int, datalist: str, run_name: str, overrides: list[str]) -> list[str]:
+    """The ``--set`` list of one child: seed, split and run name, then the user's overrides."""
+    return [f"seed={seed}", f"data.datalist={datalist}", f"run_name={run_name}", *overrides]
 
 
 def _write_split(cfg, folder: Path) -> str:
@@ -80,6 +68,7 @@ def run_sweep(config: str, methods: str, seeds: str, overrides: list[str], track
     else the exit status of the first child that did not finish (the others still run).
     """
     from segan.config import load_config, to_dict
+    from segan.config_layers import resolve_config
     from segan.methods import METHODS
     from segan.tracking import SWEEP_ROLE_TAG, RunTracker, config_hash, run_compare
     from segan.training import run_training
@@ -94,7 +83,9 @@ def run_sweep(config: str, methods: str, seeds: str, overrides: list[str], track
         raise UserError("tracking.enabled is false; a sweep compares its runs in MLflow, so remove "
                         "--set tracking.enabled=false")
     uri = tracking_uri or base.tracking.uri
-    name = f"sweep-{config_hash({'cfg': to_dict(base), 'methods': method_list, 'seeds': seed_list})}"
+    # The start time makes every sweep new: a re-run adds runs and folders, it never overwrites.
+    key = {"cfg": to_dict(base), "methods": method_list, "seeds": seed_list, "started": time.time_ns()}
+    name = f"sweep-{config_hash(key)}"
     folder = Path("outputs") / base.experiment / name
     folder.mkdir(parents=True, exist_ok=True)
     datalist = _write_split(base, folder)
@@ -103,8 +94,8 @@ def run_sweep(config: str, methods: str, seeds: str, overrides: list[str], track
     for method in method_list:
         for seed in seed_list:
             run_name = f"{method}-seed{seed}-{name.removeprefix('sweep-')}"
-            children.append((method, seed, load_config(config, child_overrides(
-                base.method.name, method, seed, datalist, run_name, overrides))))
+            children.append((method, seed, resolve_config(
+                config, child_overrides(seed, datalist, run_name, overrides), method=method).config))
 
     parent = RunTracker.start(to_dict(base), tracking_uri=uri, experiment=base.experiment, run_name=name,
                               tags={SWEEP_ROLE_TAG: "sweep", "sweep.methods": ",".join(method_list),

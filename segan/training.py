@@ -46,10 +46,14 @@ class TrainResult:
     is_main: bool = True  # rank 0 (or a plain run)
 
     def summary(self) -> str:
+        """One line, ``FINISHED (stopped: time budget): N epochs, ...``; an error or interrupt
+        message follows on its own line."""
         dice = {k: round(v, 4) for k, v in self.metrics.items() if k.startswith("val_dice")}
-        return (f"{self.status}: {self.epochs_done} epochs, best val_dice_mean {self.best_metric:.4f}, "
-                f"last {dice}; outputs in {self.out_dir}" + (f"; MLflow run {self.run_id}" if self.run_id else "")
-                + (f"\n{self.message}" if self.message else ""))
+        stop = self.message.startswith("stopped: ")
+        return (f"{self.status}{f' ({self.message})' if stop else ''}: {self.epochs_done} epochs, "
+                f"best val_dice_mean {self.best_metric:.4f}, last {dice}; outputs in {self.out_dir}"
+                + (f"; MLflow run {self.run_id}" if self.run_id else "")
+                + (f"\n{self.message}" if self.message and not stop else ""))
 
 
 def adversarial_weight(cfg: Config, epoch_float: float) -> float:
@@ -61,13 +65,6 @@ def adversarial_weight(cfg: Config, epoch_float: float) -> float:
     if m.adv_ramp_epochs > 0:
         return m.w_adv * min(1.0, t / m.adv_ramp_epochs)
     return m.w_adv
-
-
-def default_run_name(cfg: Config) -> str:
-    """``<method>-<hash>`` of the config and the start time: a repeated run gets its own folder."""
-    from segan.tracking import config_hash
-
-    return f"{cfg.method.name}-{config_hash({'config': to_dict(cfg), 'started': time.time_ns()})[:6]}"
 
 
 class Trainer:
@@ -121,7 +118,6 @@ class Trainer:
         if self.critic is not None:
             self.opt_critic = build_optimizer(self.critic.parameters(), o, o.critic_lr, self.device, o.critic_betas)
             self.sched_critic = ProgressSchedule(self.opt_critic, o, cfg.train.epochs)
-        self.scaler = torch.amp.GradScaler(enabled=False)  # bf16 needs no loss scaling; kept for resume symmetry
         self.epoch = 0
         self.step = 0
         self.best_metric = -math.inf
@@ -170,7 +166,6 @@ class Trainer:
             "config": to_dict(self.cfg), "meta": self.meta(),
             "segmentor": self.segmentor.state_dict(),
             "opt_seg": self.opt_seg.state_dict(), "sched_seg": self.sched_seg.state_dict(),
-            "scaler": self.scaler.state_dict(),
             "epoch": self.epoch, "step": self.step, "best_metric": self.best_metric,
             "rng": rng_state(), "history": self.history,
             "mlflow_run_id": getattr(self.tracker, "run_id", None),
@@ -184,7 +179,6 @@ class Trainer:
         self.segmentor.load_state_dict(ckpt["segmentor"])
         self.opt_seg.load_state_dict(ckpt["opt_seg"])
         self.sched_seg.load_state_dict(ckpt["sched_seg"])
-        self.scaler.load_state_dict(ckpt["scaler"])
         if self.critic is not None and "critic" in ckpt:
             self.critic.load_state_dict(ckpt["critic"])
             self.opt_critic.load_state_dict(ckpt["opt_critic"])
@@ -435,7 +429,9 @@ def run_training(cfg: Config, out_dir: str | Path | None = None, resume: str | P
         ckpt = load_checkpoint(resume_path)
         out = resume_path.parent
     else:
-        run_name = cfg.run_name or default_run_name(cfg)
+        from segan.tracking import default_run_name
+
+        run_name = cfg.run_name or default_run_name(to_dict(cfg))
         cfg.run_name = run_name
         out = Path(out_dir) if out_dir else Path("outputs") / cfg.experiment / run_name
     if ckpt is not None:

@@ -20,6 +20,7 @@ from segan.config import Config, to_dict
 from segan.errors import UserError
 
 SMOKE = Path(__file__).resolve().parents[1] / "configs" / "smoke.yaml"
+SEGAN_2D = Path(__file__).resolve().parents[1] / "configs" / "segan_2d.yaml"
 
 # (method, seed, status, val_dice_mean per epoch)
 RUNS = [
@@ -141,6 +142,22 @@ def test_user_errors_are_one_line(store, tmp_path):
     assert not (tmp_path / "none.db").exists()
 
 
+def test_filter_keeps_matching_runs_and_says_how_many_it_left_out(store):
+    text = tracking.run_compare(["cmp"], "val_dice_mean", "method", "table", None, store["uri"],
+                                filter_string="params.seed = '1'")
+    table = text.split("\n\n")[1].splitlines()[2:]
+    assert sorted(line.split()[1] for line in table) == ["bce-seed1", "segan-seed1"]
+    assert text.endswith("5 other run(s) in cmp do not match --filter \"params.seed = '1'\" and are not shown; "
+                         "`segan compare -e cmp` lists every run")
+    # what `make demo` does: only the runs started since the demo began
+    later = tracking.run_compare(["cmp"], "val_dice_mean", "method", "table", None, store["uri"],
+                                 filter_string="attributes.start_time >= 99999999999999")
+    assert later.startswith("no runs in cmp match --filter") and "7 other run(s) in cmp" in later
+    with pytest.raises(UserError, match="--filter 'seed is one': not an MLflow search filter"):
+        tracking.run_compare(["cmp"], "val_dice_mean", "method", "table", None, store["uri"],
+                             filter_string="seed is one")
+
+
 # ------------------------------------------------------------------------------- sweeps
 def test_sweep_input_errors():
     from segan.sweep import child_overrides, parse_seeds, run_sweep
@@ -149,10 +166,17 @@ def test_sweep_input_errors():
         run_sweep(str(SMOKE), methods="segan,gan", seeds="0", overrides=[], tracking_uri=None)
     with pytest.raises(UserError, match="'x' is not an integer"):
         parse_seeds("0,x")
-    # A baseline swept from a SegAN config gets the baseline's critic and no weight clamp.
-    sets = child_overrides("segan", "bce", 1, "/d.json", "bce-seed1", ["method.w_adv=0.2"])
-    assert sets[:2] == ["model.critic=patchgan", "method.clamp=null"] and sets[-1] == "method.w_adv=0.2"
-    assert child_overrides("segan", "segan", 0, "/d.json", "n", [])[0] == "method.name=segan"
+    # A baseline swept from a SegAN config gets the baseline's family: its critic, no clamp;
+    # the user's --set still wins.
+    from segan.config_layers import resolve_config
+
+    sets = child_overrides(1, "/d.json", "bce-seed1", ["method.w_adv=0.2"])
+    assert sets[-1] == "method.w_adv=0.2"
+    child = resolve_config(SEGAN_2D, sets, method="bce").config
+    assert (child.method.name, child.model.critic, child.method.clamp, child.method.w_adv) == ("bce", "patchgan",
+                                                                                               None, 0.2)
+    same = resolve_config(SEGAN_2D, child_overrides(0, "/d.json", "n", []), method="segan").config
+    assert (same.model.critic, same.method.clamp, same.seed) == ("segan", 0.05, 0)
 
 
 def test_sweep_trains_children_under_one_parent_then_compares(tmp_path, db_template, monkeypatch, capsys):

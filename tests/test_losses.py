@@ -1,4 +1,5 @@
-"""Loss functions against the worked values in shared/REFERENCE.md sections 1-4."""
+"""Loss functions against independently re-computed worked values (BCE-with-logits, cross-entropy,
+the GAN objectives, the PatchGAN receptive field)."""
 
 import math
 

@@ -2,11 +2,13 @@
 
 Every critic maps ``(N, C_in, *spatial)`` to a list of tensors. The SegAN critic returns
 its features per scale ``[x, block_1(x), ..., block_L(x)]``; the discriminators return
-their intermediate outputs with the logits map last (MONAI's ``PatchDiscriminator``
-convention), so the GAN losses take ``outputs[-1]``.
+their intermediate outputs with the logits map last (as MONAI's ``PatchDiscriminator``
+does), so the GAN losses take ``outputs[-1]``.
 """
 
 from __future__ import annotations
+
+from typing import Callable
 
 import torch
 from torch import nn
@@ -75,23 +77,60 @@ class SelfAttention(nn.Module):
         return x + self.gamma * (v @ attn.transpose(1, 2)).view_as(x)
 
 
-class AttentionCritic(nn.Module):
-    """fastai ``gan_critic``-style discriminator (REFERENCE.md section 4); logits map last."""
+class PatchGANDiscriminator(nn.Module):
+    """pix2pix / CycleGAN ``NLayerDiscriminator``, 2D or 3D; returns every layer's output, logits last.
 
-    def __init__(self, dims: int, in_channels: int, base: int = 64, n_blocks: int = 3, p: float = 0.15) -> None:
+    One Conv(4, stride 2) + LeakyReLU(0.2) per width in ``channels`` (norm after all but the
+    first), then Conv(4, stride 1) at twice the last width + norm + LeakyReLU, then
+    Conv(4, stride 1) to one logit per patch. ``channels=[64, 128, 256]`` is the classic
+    70x70 PatchGAN (receptive field 1 -> 4 -> 7 -> 16 -> 34 -> 70).
+    """
+
+    def __init__(self, dims: int, in_channels: int, channels: list[int], norm: str = "batch") -> None:
+        super().__init__()
+        conv = _conv(dims)
+        bias = norm != "batch"  # batch norm's shift makes a conv bias redundant
+        widths = [*channels, 2 * channels[-1]]
+        layers: list[nn.Module] = []
+        prev = in_channels
+        for i, ch in enumerate(widths):
+            stride = 2 if i < len(channels) else 1
+            layers.append(nn.Sequential(conv(prev, ch, 4, stride, 1, bias=bias or i == 0),
+                                        _norm("none" if i == 0 else norm, dims, ch), nn.LeakyReLU(0.2, inplace=True)))
+            prev = ch
+        layers.append(conv(prev, 1, 4, 1, 1))
+        self.layers = nn.ModuleList(layers)
+
+    def forward(self, x: torch.Tensor) -> list[torch.Tensor]:
+        outs = []
+        for layer in self.layers:
+            x = layer(x)
+            outs.append(x)
+        return outs
+
+
+class AttentionCritic(nn.Module):
+    """fastai ``gan_critic``-style discriminator; logits map last.
+
+    Conv(4, stride 2) to ``channels[0]`` + Dropout(p/2); per further width: Conv(3) +
+    Dropout(p) + Conv(4, stride 2) to that width (self-attention after the first such
+    block); then Conv(3) and Conv(4, no padding) to one channel.
+    """
+
+    def __init__(self, dims: int, in_channels: int, channels: list[int], p: float = 0.15) -> None:
         super().__init__()
         conv = _conv(dims)
         drop = nn.Dropout2d if dims == 2 else nn.Dropout3d
         act = nn.LeakyReLU(0.2, inplace=True)
-        layers: list[nn.Module] = [nn.Sequential(conv(in_channels, base, 4, 2, 1), act, drop(p / 2))]
-        ch = base
-        for i in range(n_blocks):
+        ch = channels[0]
+        layers: list[nn.Module] = [nn.Sequential(conv(in_channels, ch, 4, 2, 1), act, drop(p / 2))]
+        for i, nxt in enumerate(channels[1:]):
             layers.append(nn.Sequential(
                 conv(ch, ch, 3, 1, 1), act, drop(p),
-                conv(ch, ch * 2, 4, 2, 1), act,
-                *( [SelfAttention(dims, ch * 2)] if i == 0 else [] ),
+                conv(ch, nxt, 4, 2, 1), act,
+                *([SelfAttention(dims, nxt)] if i == 0 else []),
             ))
-            ch *= 2
+            ch = nxt
         layers.append(nn.Sequential(conv(ch, ch, 3, 1, 1), act, conv(ch, 1, 4, 1, 0)))
         self.layers = nn.ModuleList(layers)
 
@@ -103,18 +142,17 @@ class AttentionCritic(nn.Module):
         return outs
 
 
-def build_critic(cfg: ModelConfig, dims: int, in_channels: int) -> nn.Module:
-    """The critic named by ``cfg.critic``; ``in_channels`` depends on the method's input."""
-    if cfg.critic == "segan":
-        net: nn.Module = SegANCritic(dims, in_channels, cfg.critic_channels, cfg.critic_norm)
-    elif cfg.critic == "patchgan":
-        from monai.networks.nets import PatchDiscriminator
+CRITICS: dict[str, Callable[..., nn.Module]] = {
+    "segan": lambda dims, c_in, cfg: SegANCritic(dims, c_in, cfg.critic_channels, cfg.critic_norm),
+    "patchgan": lambda dims, c_in, cfg: PatchGANDiscriminator(dims, c_in, cfg.critic_channels, cfg.critic_norm),
+    "attention": lambda dims, c_in, cfg: AttentionCritic(dims, c_in, cfg.critic_channels),
+}
 
-        norm = cfg.critic_norm.upper() if cfg.critic_norm != "none" else None
-        net = PatchDiscriminator(spatial_dims=dims, channels=cfg.critic_channels[0], in_channels=in_channels,
-                                 num_layers_d=len(cfg.critic_channels), norm=norm)
-    else:
-        net = AttentionCritic(dims, in_channels, base=cfg.critic_channels[0], n_blocks=len(cfg.critic_channels))
+
+def build_critic(cfg: ModelConfig, dims: int, in_channels: int) -> nn.Module:
+    """The critic named by ``cfg.critic`` with one block per ``cfg.critic_channels`` width;
+    ``in_channels`` depends on the method's critic input."""
+    net = CRITICS[cfg.critic](dims, in_channels, cfg)
     if cfg.spectral_norm:
         for module in list(net.modules()):
             if isinstance(module, (nn.Conv2d, nn.Conv3d)):

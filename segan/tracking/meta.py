@@ -6,6 +6,7 @@ import hashlib
 import json
 import re
 import subprocess
+import time
 from importlib import metadata
 from pathlib import Path
 from typing import Any
@@ -52,7 +53,8 @@ def config_hash(cfg_dict: dict) -> str:
     return hashlib.sha1(json.dumps(cfg_dict, sort_keys=True, default=str).encode()).hexdigest()[:8]
 
 
-def default_run_name(cfg_dict: dict) -> str:
-    """``<method>-<short hash of the resolved config>``."""
+def default_run_name(cfg_dict: dict, started_ns: int | None = None) -> str:
+    """``<method>-<hash>`` of the resolved config and the start time: a repeated run gets its own name."""
     method = (cfg_dict.get("method") or {}).get("name", "run")
-    return f"{method}-{config_hash(cfg_dict)}"
+    started = time.time_ns() if started_ns is None else started_ns
+    return f"{method}-{config_hash({'config': cfg_dict, 'started': started})[:6]}"

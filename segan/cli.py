@@ -12,6 +12,7 @@ from pathlib import Path
 
 import click
 
+from data_prep.phantom_spec import DTYPES, MODALITIES, STRUCTURES, VARIANTS, resolve_spec
 from segan import __version__
 from segan.errors import UserError, did_you_mean
 
@@ -41,15 +42,32 @@ def prepare() -> None:
 @prepare.command("phantoms")
 @click.option("--out", "out", type=click.Path(file_okay=False), default="data/phantoms", show_default=True)
 @click.option("--cases", type=click.IntRange(2, None), default=24, show_default=True)
-@click.option("--size", type=click.IntRange(32, 512), default=96, show_default=True)
+@click.option("--size", type=click.IntRange(32, 512), default=96, show_default=True,
+              help="Field of view in mm per side (= voxels at 1 mm).")
 @click.option("--seed", type=int, default=0, show_default=True)
 @click.option("--test-fraction", type=click.FloatRange(0.0, 0.9), default=0.25, show_default=True)
-def prepare_phantoms(out: str, cases: int, size: int, seed: int, test_fraction: float) -> None:
-    """Write a BraTS-like multi-modal phantom data set in MSD layout."""
+@click.option("--variant", type=Choice(list(VARIANTS)), default="default", show_default=True,
+              help="Preset (README: Phantom variants); the options below override it.")
+@click.option("--channels", type=Choice(["1", "4"]), default=None,
+              help="4: T1, T1ce, T2, FLAIR; 1: a T1-like image (CT always 1).")
+@click.option("--spacing", default=None, help="Voxel size in mm: 2 or 1,1,4 (anatomy sampled accordingly).")
+@click.option("--orientation", default=None, help="Stored axis code: RAS, LPS, LAS, ...")
+@click.option("--modality", type=Choice(MODALITIES), default=None, help="mr, or ct (Hounsfield units).")
+@click.option("--dtype", type=Choice(DTYPES), default=None,
+              help="int16 with scl_slope/scl_inter, uint8 rescaled, mixed = float32 and int16 cases.")
+@click.option("--structures", type=Choice(STRUCTURES), default=None,
+              help="tumour (one), large (one large tumour) or small (6-12 small lesions).")
+@click.option("--sform-only/--qform", "sform_only", default=None, help="Write qform code 0 (affine in the sform only).")
+def prepare_phantoms(out: str, cases: int, size: int, seed: int, test_fraction: float, variant: str,
+                     channels: str | None, spacing: str | None, orientation: str | None, modality: str | None,
+                     dtype: str | None, structures: str | None, sform_only: bool | None) -> None:
+    """Write a synthetic brain phantom data set in MSD layout (BraTS-like by default)."""
     from data_prep.phantoms import generate
 
-    summary = generate(Path(out), cases=cases, size=size, seed=seed, test_fraction=test_fraction)
-    click.echo(summary)
+    spec = resolve_spec(variant, channels=int(channels) if channels else None, spacing=spacing,
+                        orientation=orientation, modality=modality, dtype=dtype, structures=structures,
+                        sform_only=sform_only)
+    click.echo(generate(Path(out), cases=cases, size=size, seed=seed, test_fraction=test_fraction, spec=spec))
 
 
 @prepare.command("check")
@@ -67,6 +85,20 @@ def prepare_check(root: str, as_json: bool, datalist: str | None, seed: int, val
     code = run_check(Path(root), as_json=as_json, datalist=Path(datalist) if datalist else None,
                      seed=seed, val_fraction=val_fraction, folds=folds)
     sys.exit(code)
+
+
+@prepare.command("fingerprint")
+@click.argument("source", type=click.Path())
+@click.option("--json", "as_json", is_flag=True, help="Print the whole fingerprint as JSON.")
+@click.option("--refresh", is_flag=True, help="Recompute even if the cache is current.")
+def prepare_fingerprint(source: str, as_json: bool, refresh: bool) -> None:
+    """Shapes, spacings, intensities and label sizes of a data set's training cases (cached)."""
+    import json
+
+    from data_prep.fingerprint import format_fingerprint, load_fingerprint
+
+    fp, cache, from_cache = load_fingerprint(Path(source), refresh=refresh)
+    click.echo(json.dumps(fp, indent=2) if as_json else format_fingerprint(fp, cache, from_cache))
 
 
 # ---------------------------------------------------------------- train

@@ -61,6 +61,7 @@ class DataConfig:
     fg_fraction: float = 0.7  # share of samples drawn from slices/patches with a label
     samples_per_epoch: int = 512
     num_workers: int = 0
+    unlabeled_batch_size: Optional[int] = None  # unlabelled items per step (default: train.batch_size)
     augment: AugmentConfig = field(default_factory=AugmentConfig)
 
 

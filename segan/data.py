@@ -62,6 +62,9 @@ class DataBundle:
     preprocess_spec: dict
     datalist: dict
     dataset_name: str
+    # Image-only samples (``{"image": (C, *patch_size)}``), drawn beside the labelled batch for a method
+    # that uses them; None without unlabelled data.
+    unlabeled_set: Dataset | None = None
 
 
 # ---------------------------------------------------------------- augmentation

@@ -14,6 +14,9 @@ PYTEST_ARGS ?=
 CONSTRAINTS ?= constraints.txt
 LOCK_VENV ?= /tmp/segan-lock-venv
 SEGAN := $(BIN)/segan
+# When this `make` began (ms since the epoch): the demo's comparison shows only the runs it made.
+DEMO_SINCE := $(shell date +%s)000
+MLFLOW_UI := MLFLOW_SERVER_ENABLE_JOB_EXECUTION=false mlflow ui --backend-store-uri sqlite:///mlflow_runs/mlflow.db --workers 1
 
 .PHONY: install demo test lock clean
 
@@ -29,18 +32,30 @@ $(VENV)/.installed: $(BIN)/python setup.cfg pyproject.toml $(CONSTRAINTS)
 install: $(VENV)/.installed
 
 # The main job end to end on generated phantoms: prepare, check, train SegAN and the
-# supervised baseline (DEMO_MINUTES each), predict the test scans, evaluate, compare.
+# supervised baseline (DEMO_MINUTES each), predict the test scans, evaluate, compare
+# this demo's runs (earlier demos' runs stay in the experiment; compare says how many).
 demo: install
+	@echo "make demo: trains 2 models for up to $(DEMO_MINUTES) minutes each (DEMO_MINUTES), plus about a minute"
 	$(SEGAN) prepare phantoms --out $(DEMO_DIR) --cases 24 --size 96 --seed 0
 	$(SEGAN) prepare check $(DEMO_DIR)
 	$(SEGAN) train -c configs/supervised_2d.yaml --set data.root=$(DEMO_DIR) --set train.max_minutes=$(DEMO_MINUTES) --set experiment=demo --out $(DEMO_OUT)/supervised
 	$(SEGAN) train -c configs/segan_2d.yaml --set data.root=$(DEMO_DIR) --set train.max_minutes=$(DEMO_MINUTES) --set experiment=demo --out $(DEMO_OUT)/segan
 	$(SEGAN) predict -m $(DEMO_OUT)/segan -i $(DEMO_DIR)/imagesTs -o $(DEMO_OUT)/predictions --overwrite
 	$(SEGAN) evaluate -p $(DEMO_OUT)/predictions -g $(DEMO_DIR)/labelsTs --out $(DEMO_OUT)/metrics.csv
-	$(SEGAN) compare -e demo
+	@echo "The runs of this demo (runs of earlier demos stay in the experiment; the last line counts them):"
+	$(SEGAN) compare -e demo --filter "attributes.start_time >= $(DEMO_SINCE)"
+	@echo ""
+	@echo "Demo outputs (a new make demo replaces them):"
+	@echo "  $(DEMO_OUT)/segan/ and $(DEMO_OUT)/supervised/: checkpoints (best.pt, last.pt), config.yaml"
+	@echo "  $(DEMO_OUT)/predictions/: SegAN's masks of the test scans, predictions.csv"
+	@echo "  $(DEMO_OUT)/metrics.csv: per-case test metrics (Dice, IoU, HD95, precision, sensitivity)"
+	@echo "  mlflow_runs/artifacts/demo/<run id>/artifacts/: curves.png, overlays/ (validation slices, contours)"
+	@echo "See the runs in the MLflow UI, then open http://127.0.0.1:5000:"
+	@echo "  source $(VENV)/bin/activate"
+	@echo "  $(MLFLOW_UI)"
 
 test: install
-	$(BIN)/python -m pytest $(PYTEST_ARGS)
+	$(BIN)/python -m pytest --durations=15 $(PYTEST_ARGS)
 
 # Refresh constraints.txt: a fresh venv from setup.cfg's ranges (the newest releases), the
 # whole suite, then its exact versions (torch, which TORCH_SPEC installs, segan itself and

@@ -29,6 +29,15 @@ def is_nifti(path: str | Path) -> bool:
     return str(path).endswith(NIFTI_SUFFIXES)
 
 
+def nifti_files(folder: str | Path) -> list[Path]:
+    """NIfTI files of a folder, sorted; hidden files (macOS ``._x``, temp files) skipped;
+    ``[]`` when the folder does not exist."""
+    folder = Path(folder)
+    if not folder.is_dir():
+        return []
+    return sorted(p for p in folder.iterdir() if p.is_file() and is_nifti(p) and not p.name.startswith("."))
+
+
 def stem(path: str | Path) -> str:
     """File name without ``.nii.gz`` / ``.nii``."""
     name = Path(path).name
@@ -127,17 +136,28 @@ def load_label(path: str | Path) -> tuple[np.ndarray, np.ndarray]:
     return rounded.astype(np.int16), np.asarray(img.affine, dtype=np.float64)
 
 
-def save_nifti(path: str | Path, data: np.ndarray, affine: np.ndarray, dtype=np.uint8) -> None:
-    """Write ``data`` (X,Y,Z[,C]) atomically with the given affine (qform and sform set)."""
+def save_nifti(path: str | Path, data: np.ndarray, affine: np.ndarray, dtype=np.uint8,
+               scaling: tuple[float, float] | None = None, sform_only: bool = False) -> None:
+    """Write ``data`` (X,Y,Z[,C]) atomically with the given affine (qform and sform set).
+
+    ``scaling``: ``(scl_slope, scl_inter)`` stored in the header, so readers see
+    ``data * slope + inter`` (``data`` is then the stored integers); ``sform_only``:
+    qform code 0, the affine only in the sform (as some converters write).
+    """
     import nibabel as nib
 
     from segan.io_utils import atomic_path
 
     path = Path(path)
     img = nib.Nifti1Image(np.asarray(data).astype(dtype, copy=False), np.asarray(affine, dtype=np.float64))
-    img.set_qform(affine, code=1)
+    if sform_only:
+        img.set_qform(None, code=0)
+    else:
+        img.set_qform(affine, code=1)
     img.set_sform(affine, code=1)
     img.header.set_data_dtype(dtype)
+    if scaling is not None:
+        img.header.set_slope_inter(*scaling)
     suffix = ".nii.gz" if str(path).endswith(".nii.gz") else ".nii"
     with atomic_path(path, suffix=suffix) as tmp:
         nib.save(img, str(tmp))

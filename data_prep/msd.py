@@ -28,12 +28,16 @@ import sys
 from collections import Counter
 from dataclasses import dataclass, field
 from pathlib import Path
+from typing import TYPE_CHECKING
 
 import numpy as np
 
-from data_prep.io import (CHANNEL_FILE, NIFTI_SUFFIXES, ScanError, is_nifti, load_image, load_label, read_header,
+from data_prep.io import (CHANNEL_FILE, NIFTI_SUFFIXES, ScanError, load_image, load_label, nifti_files, read_header,
                           stem)
 from segan.errors import UserError
+
+if TYPE_CHECKING:
+    from data_prep.cache import CheckRecord
 
 BRATS_CHANNELS = ("t1", "t1ce", "t2", "flair")
 # BraTS 2023 file suffixes -> the classic names, same channel order.
@@ -102,13 +106,6 @@ def _seen_label_values(cases: list[Case]) -> set[int]:
 
 
 # ----------------------------------------------------------------------- discovery
-def _nifti_files(folder: Path) -> list[Path]:
-    """NIfTI files of a folder, sorted; hidden files (macOS ``._x``, temp files) skipped."""
-    if not folder.is_dir():
-        return []
-    return sorted(p for p in folder.iterdir() if p.is_file() and is_nifti(p) and not p.name.startswith("."))
-
-
 def _find_by_stem(folder: Path, name: str) -> Path | None:
     for suffix in NIFTI_SUFFIXES:
         p = folder / f"{name}{suffix}"
@@ -144,7 +141,7 @@ def _group_channels(files: list[Path], problems: list[str]) -> dict[str, list[st
 def _discover(root: Path, images: str, labels: str, problems: list[str],
               labels_required: bool) -> list[Case]:
     """Cases of ``root/images`` paired by name with ``root/labels``."""
-    groups = _group_channels(_nifti_files(root / images), problems)
+    groups = _group_channels(nifti_files(root / images), problems)
     label_dir = root / labels
     cases = []
     for name, paths in groups.items():
@@ -152,7 +149,7 @@ def _discover(root: Path, images: str, labels: str, problems: list[str],
         if lab is None and labels_required:
             lab = label_dir / f"{name}.nii.gz"      # expected; check_dataset reports it missing
         cases.append(Case(name, paths, str(lab) if lab else None))
-    for lab in _nifti_files(label_dir):
+    for lab in nifti_files(label_dir):
         if stem(lab) not in groups:
             problems.append(f"{lab}: label without an image in {images}/; add the image or remove the label")
     return cases
@@ -216,9 +213,11 @@ def _parse_regions(raw: object, path: Path) -> dict[str, list[int]]:
     return regions
 
 
-def _entry_case(root: Path, image: object, label: object, path: Path) -> Case:
-    """A dataset.json entry; ``./imagesTr/x.nii.gz`` listed but stored as ``x_0000...``
-    (nnU-Net v1 style) resolves to the channel files."""
+def entry_case(root: Path, image: object, label: object, path: Path, name: str | None = None) -> Case:
+    """A case from a file-list entry of ``dataset.json`` or of a data list (``path``, for messages),
+    paths relative to ``root`` or absolute; ``./imagesTr/x.nii.gz`` listed but stored as
+    ``x_0000...`` (nnU-Net v1 style) resolves to the channel files. ``name`` (a data list's
+    ``case``) replaces the name taken from the first image."""
     if isinstance(image, str):
         images = [_abs(root, image)]
     elif isinstance(image, list) and image and all(isinstance(i, str) for i in image):
@@ -228,13 +227,14 @@ def _entry_case(root: Path, image: object, label: object, path: Path) -> Case:
                         '{"image": "./imagesTr/case.nii.gz", "label": "./labelsTr/case.nii.gz"}')
     if len(images) == 1 and not os.path.exists(images[0]):
         folder, name = Path(images[0]).parent, stem(images[0])
-        split = _nifti_files(folder) if folder.is_dir() else []
+        split = nifti_files(folder)
         channels = [str(p) for p in split if (m := CHANNEL_FILE.match(stem(p))) and m["case"] == name]
         if channels:
             images = channels
-    first = stem(images[0])
-    m = CHANNEL_FILE.match(first)
-    name = m["case"] if m and len(images) > 1 else first
+    if name is None:
+        first = stem(images[0])
+        m = CHANNEL_FILE.match(first)
+        name = m["case"] if m and len(images) > 1 else first
     return Case(name, images, _abs(root, label) if isinstance(label, str) else None)
 
 
@@ -258,7 +258,7 @@ def _load_msd(root: Path, meta_path: Path) -> DatasetInfo:
         for e in meta["training"]:
             if not isinstance(e, dict):
                 raise UserError(f"{meta_path}: 'training' entry {e!r} must be an object with 'image' and 'label'")
-            case = _entry_case(root, e.get("image"), e.get("label"), meta_path)
+            case = entry_case(root, e.get("image"), e.get("label"), meta_path)
             if case.label is None:   # listed without a label: expect it beside the others
                 case.label = str(root / "labelsTr" / f"{case.name}.nii.gz")
             training.append(case)
@@ -268,7 +268,7 @@ def _load_msd(root: Path, meta_path: Path) -> DatasetInfo:
         test = []
         for e in meta["test"]:
             img, lab = (e.get("image"), e.get("label")) if isinstance(e, dict) else (e, None)
-            case = _entry_case(root, img, lab, meta_path)
+            case = entry_case(root, img, lab, meta_path)
             if case.label is None:
                 found = _find_by_stem(root / "labelsTs", case.name)
                 case.label = str(found) if found else None
@@ -299,7 +299,7 @@ def _brats_cases(root: Path) -> list[tuple[str, dict[str, Path]]]:
     found = []
     for sub in sorted(p for p in root.iterdir() if p.is_dir() and not p.name.startswith(".")):
         files: dict[str, Path] = {}
-        for f in _nifti_files(sub):
+        for f in nifti_files(sub):
             m = _BRATS_FILE.match(stem(f))
             if m:
                 files.setdefault(_BRATS_ALIASES[m["kind"].lower()], f)
@@ -423,9 +423,10 @@ def _check_case(info: DatasetInfo, case: Case, split: str) -> tuple[dict, list[s
     return row, problems
 
 
-def check_dataset(info: DatasetInfo) -> tuple[list[dict], list[str]]:
+def check_dataset(info: DatasetInfo, record: CheckRecord | None = None) -> tuple[list[dict], list[str]]:
     """Validate every case; returns (one table row per case, every problem as one line
-    ``FILE: problem; fix``)."""
+    ``FILE: problem; fix``). With a ``record`` (``data_prep.cache.CheckRecord``), a case that
+    passed before with the same files is not read again, and clean cases are recorded."""
     rows: list[dict] = []
     problems: list[str] = list(info.problems)
     if not info.training:
@@ -433,7 +434,13 @@ def check_dataset(info: DatasetInfo) -> tuple[list[dict], list[str]]:
     firsts: dict[str, str] = {}
     for split, cases in (("training", info.training), ("test", info.test)):
         for case in cases:
-            row, case_problems = _check_case(info, case, split)
+            known = record.get(case, info.labels) if record is not None else None
+            if known is not None:
+                row, case_problems = {**known, "split": split}, []
+            else:
+                row, case_problems = _check_case(info, case, split)
+                if record is not None and not case_problems:
+                    record.put(case, info.labels, row)
             rows.append(row)
             problems.extend(case_problems)
             firsts[case.name] = case.images[0]
@@ -445,6 +452,8 @@ def check_dataset(info: DatasetInfo) -> tuple[list[dict], list[str]]:
             problems.append(f"{firsts[row['case']]}: case {row['case']} has {row['channels']} channel(s), expected "
                             f"{expected} ({', '.join(info.channel_names)}); give every case the same channels")
             row["status"] = "channel count" if row["status"] == "ok" else row["status"] + ", channel count"
+    if record is not None:
+        record.save()
     return rows, problems
 
 

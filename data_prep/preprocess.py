@@ -48,6 +48,8 @@ from monai.transforms import (
     SpatialResample,
 )
 
+from data_prep.cache import default_cache_dir, entry_key  # noqa: F401 - default_cache_dir: re-exported
+from data_prep.masks import foreground_mask  # noqa: F401 - re-exported
 from segan.errors import UserError
 
 if TYPE_CHECKING:
@@ -115,49 +117,6 @@ def _validate_spec(spec: dict) -> dict:
     spec.update(version=version, orientation=orient, spacing=spacing, normalize=normalize,
                 percentiles=[lo, hi], crop_foreground=bool(spec.get("crop_foreground", True)), margin=margin)
     return spec
-
-
-def foreground_mask(image: np.ndarray, min_fraction: float = 0.005) -> np.ndarray:
-    """``(C, X, Y, Z)`` image -> ``(X, Y, Z)`` bool mask of the body/head.
-
-    Real scans may have an intensity offset or noise outside the head, where "non-zero
-    voxels" is the whole field of view, so the mask is built without assuming a zero
-    background:
-
-    1. each channel is scaled robustly to [0, 1] between its 1st and 99th percentiles,
-       and the channels are averaged (no single modality dominates by its units);
-    2. a Gaussian blur (sigma 1 voxel) suppresses background noise;
-    3. Otsu's threshold (scikit-image) splits background from object (the brighter class);
-    4. the largest connected component is kept (drops noise specks, bright artefacts)
-       and its enclosed holes are filled (dark ventricles, necrosis stay inside).
-
-    A degenerate result (constant image, or a mask under ``min_fraction`` of the volume)
-    falls back to all voxels, so nothing is ever cropped away by mistake.
-    """
-    from scipy import ndimage
-    from skimage.filters import threshold_otsu
-
-    from segan.postprocess import keep_largest_component
-
-    spatial = image.shape[1:]
-    everything = np.ones(spatial, dtype=bool)
-    step = max(1, int(np.prod(spatial)) // 1_000_000)  # percentiles from <= ~1M voxels
-    mean = np.zeros(spatial, dtype=np.float32)
-    for channel in image:
-        lo, hi = np.percentile(channel.ravel()[::step], [1.0, 99.0])
-        if hi > lo:
-            mean += np.clip((channel - lo) / (hi - lo), 0.0, 1.0)
-    mean = ndimage.gaussian_filter(mean / len(image), sigma=1.0)
-    if float(mean.max() - mean.min()) < 1e-6:
-        return everything
-    mask = mean > threshold_otsu(mean)
-    if not mask.any():
-        return everything
-    # Face connectivity: preprocessing spec version 1 is defined with it (replayed exactly).
-    mask = ndimage.binary_fill_holes(keep_largest_component(mask, connectivity=1))
-    if mask.mean() < min_fraction:
-        return everything
-    return mask
 
 
 @dataclass
@@ -354,28 +313,14 @@ class CachedCase(PreprocessedCase):
     stats: dict = field(default_factory=dict)
 
 
-def default_cache_dir() -> Path:
-    """``$SEGAN_CACHE`` or ``~/.cache/segan``."""
-    env = os.environ.get("SEGAN_CACHE")
-    return Path(env).expanduser() if env else Path.home() / ".cache" / "segan"
-
-
-def _file_key(path: str | Path) -> list:
-    p = Path(path)
-    try:
-        st = p.stat()
-    except OSError:
-        raise UserError(f"{p}: file not found; check the data set (segan prepare check <root>)") from None
-    return [str(p.resolve()), st.st_size, st.st_mtime_ns]
-
-
 class CaseCache:
     """On-disk cache of preprocessed cases: ``<cache_dir>/spec-<hash>/<case>-<key>/``.
 
     Each entry holds ``image.npy`` (Fortran order), ``label.npy`` (if labelled) and
     ``meta.json``; it is written in a temporary folder and renamed into place, so a
     crash or a concurrent writer (e.g. several DDP ranks) never leaves a partial entry.
-    Edited source files get a new key (size and mtime are part of it).
+    Edited source files get a new key (size and mtime are part of it). ``data_prep.cache``
+    keeps the folder bounded (stale and least recently used entries go).
     """
 
     def __init__(self, cache_dir: Path, spec: dict) -> None:
@@ -386,9 +331,7 @@ class CaseCache:
 
     def entry_dir(self, case: Case) -> Path:
         """Where ``case`` is (or will be) cached."""
-        files = {"images": [_file_key(p) for p in case.images],
-                 "label": _file_key(case.label) if case.label else None, "spec": self.spec_hash}
-        key = hashlib.sha256(json.dumps(files, sort_keys=True).encode()).hexdigest()[:16]
+        key = entry_key(case.images, case.label, self.spec_hash)
         safe = re.sub(r"[^A-Za-z0-9._-]+", "_", case.name)[:80] or "case"
         return self.root / f"{safe}-{key}"
 
@@ -397,6 +340,11 @@ class CaseCache:
         entry = self.entry_dir(case)
         if not (entry / "meta.json").is_file():
             self._write(case, entry)
+        else:
+            try:
+                os.utime(entry / "meta.json")  # the last use, for least-recently-used eviction
+            except OSError:
+                pass  # a read-only cache is still a cache
         return self._read(entry, case.name)
 
     def _write(self, case: Case, entry: Path) -> None:

@@ -282,7 +282,7 @@ class ModeRunner:
                                         seed=cfg.seed)
         # the adversarial term on, so both critic passes of SegAN's step run
         w_adv = c.method.w_adv if c.method.w_adv > 0 else 0.1
-        return cls(mode, c, trainer, image, target, w_adv, torch.zeros(3, device=trainer.device))
+        return cls(mode, c, trainer, image, target, w_adv, torch.zeros(len(trainer.loss_names), device=trainer.device))
 
     def activate(self) -> None:
         """Global flags are per mode (the Trainer sets them at construction)."""
@@ -407,7 +407,7 @@ def bench_train(cfg: Config, device: torch.device, steps: int, warmup: int | Non
                 step_s=step_s, step_s_blocks=times[mode], samples_per_s=batch / step_s,
                 voxels_per_s=batch * math.prod(r.cfg.data.patch_size) / step_s, tflops=tflops,
                 compute_dtype=dtype, mfu=(tflops / peak) if peak else None, switches=switches(r.cfg),
-                mean_losses=dict(zip(("seg", "adv", "critic"), losses)),
+                mean_losses={name.removeprefix("loss_"): v for name, v in zip(r.trainer.loss_names, losses)},
                 finite=all(math.isfinite(v) for v in losses))
         fast = runners["fast"]
         del runners["eager"]

@@ -12,10 +12,19 @@ from pathlib import Path
 
 import click
 
+from data_prep.phantom_spec import DTYPES, MODALITIES, STRUCTURES, VARIANTS, resolve_spec
 from segan import __version__
-from segan.errors import UserError
+from segan.errors import UserError, did_you_mean
 
 _SET_HELP = "Override a config key, e.g. --set train.epochs=3 (repeatable)."
+
+
+class Choice(click.Choice):
+    """``click.Choice`` whose error also names the closest choice: click suggests mistyped
+    options and commands itself, but not mistyped values."""
+
+    def get_invalid_choice_message(self, value, ctx) -> str:
+        return super().get_invalid_choice_message(value, ctx).rstrip(".") + did_you_mean(value, self.choices) + "."
 
 
 @click.group(context_settings={"help_option_names": ["-h", "--help"], "max_content_width": 100})
@@ -33,15 +42,32 @@ def prepare() -> None:
 @prepare.command("phantoms")
 @click.option("--out", "out", type=click.Path(file_okay=False), default="data/phantoms", show_default=True)
 @click.option("--cases", type=click.IntRange(2, None), default=24, show_default=True)
-@click.option("--size", type=click.IntRange(32, 512), default=96, show_default=True)
+@click.option("--size", type=click.IntRange(32, 512), default=96, show_default=True,
+              help="Field of view in mm per side (= voxels at 1 mm).")
 @click.option("--seed", type=int, default=0, show_default=True)
 @click.option("--test-fraction", type=click.FloatRange(0.0, 0.9), default=0.25, show_default=True)
-def prepare_phantoms(out: str, cases: int, size: int, seed: int, test_fraction: float) -> None:
-    """Write a BraTS-like multi-modal phantom data set in MSD layout."""
+@click.option("--variant", type=Choice(list(VARIANTS)), default="default", show_default=True,
+              help="Preset (README: Phantom variants); the options below override it.")
+@click.option("--channels", type=Choice(["1", "4"]), default=None,
+              help="4: T1, T1ce, T2, FLAIR; 1: a T1-like image (CT always 1).")
+@click.option("--spacing", default=None, help="Voxel size in mm: 2 or 1,1,4 (anatomy sampled accordingly).")
+@click.option("--orientation", default=None, help="Stored axis code: RAS, LPS, LAS, ...")
+@click.option("--modality", type=Choice(MODALITIES), default=None, help="mr, or ct (Hounsfield units).")
+@click.option("--dtype", type=Choice(DTYPES), default=None,
+              help="int16 with scl_slope/scl_inter, uint8 rescaled, mixed = float32 and int16 cases.")
+@click.option("--structures", type=Choice(STRUCTURES), default=None,
+              help="tumour (one), large (one large tumour) or small (6-12 small lesions).")
+@click.option("--sform-only/--qform", "sform_only", default=None, help="Write qform code 0 (affine in the sform only).")
+def prepare_phantoms(out: str, cases: int, size: int, seed: int, test_fraction: float, variant: str,
+                     channels: str | None, spacing: str | None, orientation: str | None, modality: str | None,
+                     dtype: str | None, structures: str | None, sform_only: bool | None) -> None:
+    """Write a synthetic brain phantom data set in MSD layout (BraTS-like by default)."""
     from data_prep.phantoms import generate
 
-    summary = generate(Path(out), cases=cases, size=size, seed=seed, test_fraction=test_fraction)
-    click.echo(summary)
+    spec = resolve_spec(variant, channels=int(channels) if channels else None, spacing=spacing,
+                        orientation=orientation, modality=modality, dtype=dtype, structures=structures,
+                        sform_only=sform_only)
+    click.echo(generate(Path(out), cases=cases, size=size, seed=seed, test_fraction=test_fraction, spec=spec))
 
 
 @prepare.command("check")
@@ -61,6 +87,20 @@ def prepare_check(root: str, as_json: bool, datalist: str | None, seed: int, val
     code = run_check(Path(root), as_json=as_json, datalist=Path(datalist) if datalist else None,
                      seed=seed, val_fraction=val_fraction, folds=folds, fold=fold)
     sys.exit(code)
+
+
+@prepare.command("fingerprint")
+@click.argument("source", type=click.Path())
+@click.option("--json", "as_json", is_flag=True, help="Print the whole fingerprint as JSON.")
+@click.option("--refresh", is_flag=True, help="Recompute even if the cache is current.")
+def prepare_fingerprint(source: str, as_json: bool, refresh: bool) -> None:
+    """Shapes, spacings, intensities and label sizes of a data set's training cases (cached)."""
+    import json
+
+    from data_prep.fingerprint import format_fingerprint, load_fingerprint
+
+    fp, cache, from_cache = load_fingerprint(Path(source), refresh=refresh)
+    click.echo(json.dumps(fp, indent=2) if as_json else format_fingerprint(fp, cache, from_cache))
 
 
 # ---------------------------------------------------------------- train
@@ -147,17 +187,20 @@ def evaluate(pred: str, gt: str, regions: str | None, out: str | None, run_id: s
 @click.option("-e", "--experiment", "experiments", multiple=True, help="Experiment name (repeatable).")
 @click.option("--metric", default="val_dice_mean", show_default=True)
 @click.option("--group-by", default="method", show_default=True)
-@click.option("--format", "fmt", type=click.Choice(["table", "csv", "json", "markdown"]), default="table",
+@click.option("--format", "fmt", type=Choice(["table", "csv", "json", "markdown"]), default="table",
               show_default=True)
 @click.option("--plot", type=click.Path(dir_okay=False), default=None, help="Write curves and bars (PNG).")
+@click.option("--filter", "filter_string", default=None, metavar="EXPR",
+              help="Only runs matching this MLflow search filter, e.g. \"params.seed = '0'\".")
 @click.option("--tracking-uri", default=None)
 def compare(experiments: tuple[str, ...], metric: str, group_by: str, fmt: str, plot: str | None,
-            tracking_uri: str | None) -> None:
+            filter_string: str | None, tracking_uri: str | None) -> None:
     """Compare MLflow runs: one row per run, then mean ± std per group."""
     from segan.tracking import run_compare
 
     click.echo(run_compare(list(experiments), metric=metric, group_by=group_by, fmt=fmt,
-                           plot=Path(plot) if plot else None, tracking_uri=tracking_uri))
+                           plot=Path(plot) if plot else None, tracking_uri=tracking_uri,
+                           filter_string=filter_string))
 
 
 @cli.command()
@@ -174,11 +217,39 @@ def sweep(config: str, methods: str, seeds: str, overrides: tuple[str, ...], tra
                        tracking_uri=tracking_uri))
 
 
+# ---------------------------------------------------------------- cache
+@cli.group()
+def cache() -> None:
+    """Inspect or empty the preprocessing cache (bounded by $SEGAN_CACHE_MAX_GB, default 2 GB)."""
+
+
+_CACHE_DIR = click.option("--dir", "cache_dir", type=click.Path(file_okay=False), default=None,
+                          help="Cache folder [$SEGAN_CACHE or ~/.cache/segan; a config's preprocess.cache_dir].")
+
+
+@cache.command("info")
+@_CACHE_DIR
+def cache_info_command(cache_dir: str | None) -> None:
+    """Size, number of cached cases, stale entries and the limit."""
+    from data_prep.cache import cache_info, default_cache_dir
+
+    click.echo(cache_info(Path(cache_dir) if cache_dir else default_cache_dir()))
+
+
+@cache.command("clear")
+@_CACHE_DIR
+def cache_clear_command(cache_dir: str | None) -> None:
+    """Remove every cached case and the remembered file checks."""
+    from data_prep.cache import clear_cache, default_cache_dir
+
+    click.echo(clear_cache(Path(cache_dir) if cache_dir else default_cache_dir()))
+
+
 # ---------------------------------------------------------------- bench
 @cli.command()
 @click.option("-c", "--config", "config", type=click.Path(), default="configs/segan_2d.yaml", show_default=True)
 @click.option("--set", "overrides", multiple=True, metavar="KEY=VALUE", help=_SET_HELP)
-@click.option("--device", type=click.Choice(["auto", "cpu", "cuda"]), default="auto", show_default=True)
+@click.option("--device", type=Choice(["auto", "cpu", "cuda"]), default="auto", show_default=True)
 @click.option("--steps", type=click.IntRange(2, None), default=20, show_default=True)
 @click.option("--json", "json_out", type=click.Path(dir_okay=False), default=None)
 def bench(config: str, overrides: tuple[str, ...], device: str, steps: int, json_out: str | None) -> None:

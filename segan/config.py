@@ -17,7 +17,7 @@ from typing import Any, Optional, Union
 
 import yaml
 
-from segan.errors import UserError
+from segan.errors import UserError, did_you_mean
 
 DEFAULT_DATA_ROOT = "data/phantoms"
 
@@ -61,6 +61,7 @@ class DataConfig:
     fg_fraction: float = 0.7  # share of samples drawn from slices/patches with a label
     samples_per_epoch: int = 512
     num_workers: int = 0
+    unlabeled_batch_size: Optional[int] = None  # unlabelled items per step (default: train.batch_size)
     augment: AugmentConfig = field(default_factory=AugmentConfig)
 
 
@@ -231,7 +232,8 @@ def _build(cls: type, values: dict, prefix: str = "") -> Any:
     for key, value in values.items():
         full = f"{prefix}.{key}" if prefix else str(key)
         if key not in names:
-            raise UserError(f"unknown config key '{full}'; allowed keys here: {', '.join(names)}")
+            hint = did_you_mean(str(key), names, prefix=f"{prefix}." if prefix else "")
+            raise UserError(f"unknown config key '{full}'{hint}; allowed keys here: {', '.join(names)}")
         kwargs[key] = _coerce(value, hints[key], full)
     return cls(**kwargs)
 
@@ -241,12 +243,14 @@ def _check_choices(cfg: Config) -> None:
         section, name = key.split(".")
         value = getattr(getattr(cfg, section), name)
         if value not in allowed:
-            raise UserError(f"config key '{key}' is {value!r}; allowed values: {', '.join(allowed)}")
+            raise UserError(f"config key '{key}' is {value!r}{did_you_mean(value, allowed)}; "
+                            f"allowed values: {', '.join(allowed)}")
     from segan.methods import METHODS
 
     if cfg.method.name not in METHODS:
         raise UserError(
-            f"config key 'method.name' is {cfg.method.name!r}; allowed values: {', '.join(METHODS)}"
+            f"config key 'method.name' is {cfg.method.name!r}{did_you_mean(cfg.method.name, METHODS)}; "
+            f"allowed values: {', '.join(METHODS)}"
         )
     if cfg.data.spatial_dims not in (2, 3):
         raise UserError(f"config key 'data.spatial_dims' is {cfg.data.spatial_dims}; allowed values: 2, 3")

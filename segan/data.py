@@ -34,9 +34,10 @@ import numpy as np
 import torch
 from torch.utils.data import DataLoader, Dataset
 
-from data_prep.preprocess import CachedCase, CaseCache, default_cache_dir, spec_from_config
+from data_prep.cache import default_cache_dir
+from data_prep.preprocess import CachedCase, CaseCache, spec_from_config
 from segan.config import AugmentConfig, Config
-from segan.errors import UserError
+from segan.errors import UserError, did_you_mean
 from segan.regions import default_regions, labels_to_regions
 
 
@@ -61,6 +62,9 @@ class DataBundle:
     preprocess_spec: dict
     datalist: dict
     dataset_name: str
+    # Image-only samples (``{"image": (C, *patch_size)}``), drawn beside the labelled batch for a method
+    # that uses them; None without unlabelled data.
+    unlabeled_set: Dataset | None = None
 
 
 # ---------------------------------------------------------------- augmentation
@@ -280,8 +284,8 @@ def _resolve_channels(cfg: Config, available: list[str]) -> tuple[list[str], lis
         elif key.isdigit() and int(key) < len(available):
             indices.append(int(key))
         else:
-            raise UserError(f"data.channels: {name!r} is not a channel of the data set; "
-                            f"available: {', '.join(available)}")
+            raise UserError(f"data.channels: {name!r} is not a channel of the data set"
+                            f"{did_you_mean(name, available)}; available: {', '.join(available)}")
     names = [available[i] for i in indices]
     return names, (None if indices == list(range(len(available))) else indices)
 
@@ -299,40 +303,50 @@ def _resolve_regions(cfg: Config, datalist: dict, label_names: dict[int, str]) -
     return {str(k): [int(i) for i in v] for k, v in regions.items()}
 
 
-def _entry_case(entry: dict, root: Path):
-    from data_prep.msd import Case
+def _check_files(cases: list, datalist: dict, root: Path, label_names: dict[int, str], cache_dir: Path) -> None:
+    """``segan prepare check``'s per-case checks on the cases training reads, before anything
+    else; a case that passed with the same files (paths, sizes, mtimes) is not read again.
+    Raises one :class:`UserError` listing every problem."""
+    from data_prep.cache import CheckRecord
+    from data_prep.msd import DatasetInfo, check_dataset
 
-    def full(p: str) -> str:
-        return str(p if Path(p).is_absolute() else root / p)
-
-    images = entry["image"] if isinstance(entry["image"], list) else [entry["image"]]
-    label = entry.get("label")
-    return Case(name=str(entry["case"]), images=[full(p) for p in images], label=full(label) if label else None)
+    info = DatasetInfo(root=root, name=str(datalist.get("name") or root.name),
+                       layout=str(datalist.get("layout") or "msd"),
+                       channel_names=list(datalist.get("channel_names") or []), labels=label_names,
+                       regions=None, training=cases, test=[])
+    _, problems = check_dataset(info, CheckRecord(cache_dir))
+    if problems:
+        listing = "\n".join(f"  {line}" for line in problems)
+        raise UserError(f"{len(problems)} problem(s) in the training data of {root}; nothing was trained:\n"
+                        f"{listing}\nfix them and train again (`segan prepare check {root}` lists every case)")
 
 
 def build_data(cfg: Config) -> DataBundle:
-    """Data list -> preprocessed (cached) cases -> training sample set and validation volumes."""
+    """Data list -> file checks -> preprocessed (cached) cases -> training sample set and validation volumes."""
     from tqdm import tqdm
+
+    from data_prep.cache import enforce_limit
+    from data_prep.msd import entry_case
 
     datalist = _read_datalist(cfg)
     root = Path(datalist.get("root") or cfg.data.root)
     label_names = {int(k): str(v) for k, v in (datalist.get("labels") or {}).items()}
+    cache_dir = Path(cfg.preprocess.cache_dir).expanduser() if cfg.preprocess.cache_dir else default_cache_dir()
+    train_entries, val_entries = datalist["training"], datalist.get("validation") or []
+    where = Path(cfg.data.datalist) if cfg.data.datalist else root
+    cases = [entry_case(root, e.get("image"), e.get("label"), where, name=str(e["case"]) if e.get("case") else None)
+             for e in [*train_entries, *val_entries]]
+    _check_files(cases, datalist, root, label_names, cache_dir)
     channels, indices = _resolve_channels(cfg, list(datalist.get("channel_names") or []))
     regions = _resolve_regions(cfg, datalist, label_names)
     spec = spec_from_config(cfg.preprocess)
     if indices is not None:
         spec["channels"] = indices
-    cache = CaseCache(Path(cfg.preprocess.cache_dir) if cfg.preprocess.cache_dir else default_cache_dir(), spec)
-
-    train_entries, val_entries = datalist["training"], datalist.get("validation") or []
-    cases = [_entry_case(e, root) for e in [*train_entries, *val_entries]]
-    for case in cases:
-        if not case.label:
-            raise UserError(f"{case.images[0]}: case {case.name!r} has no label; training and validation "
-                            "cases need label maps")
+    cache = CaseCache(cache_dir, spec)
     with ThreadPoolExecutor(max(1, cfg.data.num_workers)) as pool:  # NIfTI decoding and resampling release the GIL
         cached = list(tqdm(pool.map(cache.get, cases), total=len(cases), desc="preprocess", unit="case",
                            disable=None, leave=False))
+    enforce_limit(cache_dir, keep=[c.path for c in cached])
     train_cached, val_cached = cached[:len(train_entries)], cached[len(train_entries):]
     if not channels and cached:  # a data list without channel names
         channels = [f"channel_{i}" for i in range(cached[0].image.shape[0])]

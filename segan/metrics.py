@@ -16,7 +16,9 @@ Conventions where a ratio is 0/0 or a distance undefined:
   region scores Dice = IoU = precision = sensitivity = 0 and the worst HD95, and the
   case's status is ``failed`` (counted in the means, exit status 1).
 
-Cases are matched by file stem (``case.nii.gz`` <-> ``case.nii.gz`` or ``case.nii``).
+Cases are matched by file stem (``case.nii.gz`` <-> ``case.nii.gz`` or ``case.nii``). Swapped
+folders are refused (exit 2): a ``-g`` folder holding what ``segan predict`` writes
+(``model.json``, ``predictions.csv``, ``*_prob`` maps) beside a ``-p`` folder holding none of it.
 """
 
 from __future__ import annotations
@@ -25,6 +27,7 @@ import csv
 import io
 import json
 import re
+import shlex
 import sys
 import warnings
 from dataclasses import dataclass, field
@@ -32,7 +35,7 @@ from pathlib import Path
 
 import numpy as np
 
-from data_prep.io import is_nifti, stem
+from data_prep.io import nifti_files, stem
 from segan.errors import UserError
 
 METRICS = ("dice", "iou", "hd95", "precision", "sensitivity")
@@ -160,12 +163,54 @@ def case_metrics(pred: np.ndarray, gt: np.ndarray, regions: dict[str, list[int]]
 
 
 # ---------------------------------------------------------------- folders
-def _nifti_files(folder: Path) -> dict[str, Path]:
-    files = {}
-    for p in sorted(folder.iterdir()):
-        if p.is_file() and is_nifti(p) and not p.name.startswith("."):
-            files.setdefault(stem(p), p)
+def _files_by_stem(folder: Path) -> dict[str, Path]:
+    """``{stem: path}`` of a folder's NIfTI files (one per stem: the first in name order)."""
+    files: dict[str, Path] = {}
+    for p in nifti_files(folder):
+        files.setdefault(stem(p), p)
     return files
+
+
+def _prediction_signs(folder: Path) -> list[str]:
+    """What only ``segan predict`` writes into a folder: ``model.json``, ``predictions.csv``, ``*_prob`` maps."""
+    from segan.inference import CSV_NAME, MODEL_INFO_NAME
+
+    signs = [name for name in (MODEL_INFO_NAME, CSV_NAME) if (folder / name).is_file()]
+    probs = [name for name in _files_by_stem(folder) if name.endswith("_prob")]
+    if probs:
+        signs.append(f"{len(probs)} probability map(s) ({probs[0]}...)")
+    return signs
+
+
+def check_not_swapped(pred: Path, gt: Path, other_args: list[str]) -> None:
+    """Refuse ``-p GT -g PRED``: the ``-g`` folder holds what ``segan predict`` writes and the
+    ``-p`` folder does not, and (when its ``model.json`` names the model's regions) the ``-g``
+    masks hold only that model's label ids. Two prediction folders (agreement between two
+    models) are not refused. ``other_args``: the rest of the command, for the suggested one."""
+    from segan.inference import MODEL_INFO_NAME
+
+    signs = _prediction_signs(gt)
+    if not signs or _prediction_signs(pred):
+        return
+    regions = _read_json(gt / MODEL_INFO_NAME).get("regions")
+    model_ids = {int(i) for ids in regions.values() for i in ids} if isinstance(regions, dict) else set()
+    if model_ids:
+        from data_prep.io import load_label
+
+        values: set[int] = set()
+        masks = [p for name, p in _files_by_stem(gt).items() if not name.endswith("_prob")]
+        for path in masks[:3]:  # a few masks settle it
+            try:
+                values.update(int(v) for v in np.unique(load_label(path)[0]) if v > 0)
+            except UserError:
+                continue
+        if values - model_ids:
+            return  # labels the model cannot write: not (only) its predictions
+        signs.append(f"masks with only the model's label ids ({', '.join(map(str, sorted(values))) or 'none'})")
+    command = shlex.join(["segan", "evaluate", "-p", str(gt), "-g", str(pred), *other_args])
+    raise UserError(f"-p and -g look swapped: -g {gt} holds {', '.join(signs)}, as a `segan predict` output "
+                    f"folder does, and -p {pred} holds none of these; give the predictions to -p and the ground "
+                    f"truth to -g: {command}")
 
 
 def evaluate_folders(pred: Path, gt: Path, regions: str | None = None) -> tuple[list[CaseMetrics], dict]:
@@ -180,10 +225,10 @@ def evaluate_folders(pred: Path, gt: Path, regions: str | None = None) -> tuple[
         raise UserError(f"{gt}: ground-truth folder not found; pass -g with a folder of label maps")
     if not pred.is_dir():
         raise UserError(f"{pred}: prediction folder not found; pass -p with the folder `segan predict` wrote")
-    gt_files = _nifti_files(gt)
+    gt_files = _files_by_stem(gt)
     if not gt_files:
         raise UserError(f"{gt}: holds no .nii/.nii.gz label maps; pass -g with a folder of ground-truth masks")
-    pred_files = {k: v for k, v in _nifti_files(pred).items() if not k.endswith("_prob")}
+    pred_files = {k: v for k, v in _files_by_stem(pred).items() if not k.endswith("_prob")}
 
     truths: dict[str, tuple[np.ndarray, np.ndarray] | str] = {}
     found: set[int] = set()
@@ -306,6 +351,9 @@ def run_evaluate(pred: Path, gt: Path, regions: str | None = None, out: Path | N
     """
     from segan.io_utils import atomic_write_text
 
+    other_args = [*(["--regions", regions] if regions else []), *(["--out", str(out)] if out else []),
+                  *(["--run", run_id] if run_id else []), *(["--tracking-uri", tracking_uri] if tracking_uri else [])]
+    check_not_swapped(Path(pred), Path(gt), other_args)
     results, resolved = evaluate_folders(Path(pred), Path(gt), regions)
     means = summarize(results, resolved)
     for r in results:
@@ -314,6 +362,8 @@ def run_evaluate(pred: Path, gt: Path, regions: str | None = None, out: Path | N
     if out is not None:
         atomic_write_text(Path(out), metrics_csv(results, resolved, means))
     print(format_table(results, resolved, means))
+    if out is not None:
+        print(f"per-case metrics written to {Path(out).absolute()}")
     if run_id:
         _log_to_run(run_id, means, tracking_uri)
     return 1 if any(r.status == "failed" for r in results) else 0

@@ -16,7 +16,7 @@ import sys
 import time
 from pathlib import Path
 
-from segan.errors import UserError
+from segan.errors import UserError, did_you_mean
 
 
 def parse_list(text: str, what: str) -> list[str]:
@@ -76,7 +76,8 @@ def run_sweep(config: str, methods: str, seeds: str, overrides: list[str], track
     method_list = parse_list(methods, "methods")
     unknown = [m for m in method_list if m not in METHODS]
     if unknown:
-        raise UserError(f"--methods: unknown method {', '.join(unknown)}; allowed: {', '.join(METHODS)}")
+        hint = did_you_mean(unknown[0], METHODS) if len(unknown) == 1 else ""
+        raise UserError(f"--methods: unknown method {', '.join(unknown)}{hint}; allowed: {', '.join(METHODS)}")
     seed_list = parse_seeds(seeds)
     base = load_config(config, overrides)
     if not base.tracking.enabled:

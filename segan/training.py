@@ -1,9 +1,14 @@
 """The training loop shared by every method: alternate critic and segmentor steps.
 
 Follow ``segan train`` here: :func:`run_training` builds the data (``segan.data``), the
-method (``segan.methods``: critic + adversarial loss), the segmentor (``segan.nets``) and
-runs :class:`Trainer`. Per iteration: critic step(s) on the detached prediction, then a
-segmentor step with the critic frozen, loss = ``w_seg * seg + w_adv(t) * adversarial``.
+method (``segan.methods``: critic, critic loss, segmentor loss terms), the segmentor
+(``segan.nets``) and runs :class:`Trainer`. Per iteration: the labelled batch (and, when
+the data has an unlabelled stream and the method uses it, an unlabelled batch) is
+segmented and handed to the method as a :class:`segan.methods.Step`; critic step(s),
+then a segmentor step with the critic frozen, loss = ``sum(weight * term)`` over the
+method's named terms (``w_seg * seg + w_adv(t) * adversarial`` for the GAN methods).
+The loop owns optimizers, autocast, backward, gradient averaging across ranks, logging of
+every named term and the NaN guard; it never looks at which method it runs.
 Losses stay on the device and are fetched every ``train.log_every`` steps (no
 host-device sync per step); that fetch is also the NaN/inf guard.
 """
@@ -23,14 +28,11 @@ from torch import nn
 from segan.checkpoint import load_checkpoint, make_meta, resolve_checkpoint_path, save_checkpoint
 from segan.config import Config, dump_yaml, to_dict
 from segan.errors import TrainingDiverged
-from segan.losses import SegmentationLoss
-from segan.methods import METHODS
+from segan.methods import METHODS, Step
 from segan.optim import ProgressSchedule, build_optimizer
 from segan.runtime import (DistContext, amp_enabled, autocast, init_distributed, resolve_device, rng_state,
                            seed_everything, set_rng_state)
 from segan.validation import validate
-
-LOSS_NAMES = ("loss_seg", "loss_adv", "loss_critic")
 
 
 @dataclass
@@ -46,10 +48,14 @@ class TrainResult:
     is_main: bool = True  # rank 0 (or a plain run)
 
     def summary(self) -> str:
+        """One line, ``FINISHED (stopped: time budget): N epochs, ...``; an error or interrupt
+        message follows on its own line."""
         dice = {k: round(v, 4) for k, v in self.metrics.items() if k.startswith("val_dice")}
-        return (f"{self.status}: {self.epochs_done} epochs, best val_dice_mean {self.best_metric:.4f}, "
-                f"last {dice}; outputs in {self.out_dir}" + (f"; MLflow run {self.run_id}" if self.run_id else "")
-                + (f"\n{self.message}" if self.message else ""))
+        stop = self.message.startswith("stopped: ")
+        return (f"{self.status}{f' ({self.message})' if stop else ''}: {self.epochs_done} epochs, "
+                f"best val_dice_mean {self.best_metric:.4f}, last {dice}; outputs in {self.out_dir}"
+                + (f"; MLflow run {self.run_id}" if self.run_id else "")
+                + (f"\n{self.message}" if self.message and not stop else ""))
 
 
 def adversarial_weight(cfg: Config, epoch_float: float) -> float:
@@ -90,6 +96,11 @@ class Trainer:
 
         self.method = METHODS[cfg.method.name](cfg, n_in, n_out)
         self.segmentor = build_segmentor(cfg.model, dims, n_in, n_out).to(self.device)
+        self.method.prepare(self.segmentor, self.device)
+        # The unlabelled stream is drawn only for a method that uses it.
+        self.unlabeled_set = self.data.unlabeled_set if self.method.uses_unlabeled else None
+        # What train_step returns and each epoch logs: the method's segmentor terms, then the critic's loss.
+        self.loss_names: tuple[str, ...] = (*self.method.loss_names, "loss_critic")
         critic = self.method.build_critic()
         self.critic = critic.to(self.device) if critic is not None else None
         self.memory_format = None
@@ -106,7 +117,6 @@ class Trainer:
         else:
             self.seg_ddp = self.segmentor
         self.seg_forward = self._maybe_compile(self.seg_ddp)
-        self.seg_loss = SegmentationLoss(cfg.method.seg_loss, cfg.method.dice_batch)
         o = cfg.optim
         self.opt_seg = build_optimizer(self.segmentor.parameters(), o, o.lr, self.device)
         self.sched_seg = ProgressSchedule(self.opt_seg, o, cfg.train.epochs)
@@ -171,6 +181,9 @@ class Trainer:
         if self.critic is not None:
             state.update(critic=self.critic.state_dict(), opt_critic=self.opt_critic.state_dict(),
                          sched_critic=self.sched_critic.state_dict())
+        method_state = self.method.state_dict()
+        if method_state:
+            state["method"] = method_state
         return state
 
     def load_state_dict(self, ckpt: dict) -> None:
@@ -181,6 +194,8 @@ class Trainer:
             self.critic.load_state_dict(ckpt["critic"])
             self.opt_critic.load_state_dict(ckpt["opt_critic"])
             self.sched_critic.load_state_dict(ckpt["sched_critic"])
+        if "method" in ckpt:
+            self.method.load_state_dict(ckpt["method"])
         self.epoch, self.step = int(ckpt["epoch"]), int(ckpt["step"])
         self.best_metric = float(ckpt["best_metric"])
         self.history = list(ckpt.get("history", []))
@@ -194,62 +209,76 @@ class Trainer:
         return path
 
     # ------------------------------------------------------------------ one iteration
-    def train_step(self, image: torch.Tensor, target: torch.Tensor, w_adv: float) -> torch.Tensor:
+    def train_step(self, image: torch.Tensor, target: torch.Tensor, w_adv: float,
+                   image_u: torch.Tensor | None = None, uniform: torch.Tensor | None = None,
+                   epoch: float | None = None) -> torch.Tensor:
         """One critic update (or ``critic_steps``) then one segmentor update.
 
-        Returns the three losses as one device tensor ``[seg, adv, critic]`` (no sync).
+        ``image_u``: an unlabelled batch ``(M, C, *s)`` (segmented together with ``image``);
+        ``uniform``: ``(N,)`` bool, labelled items drawn like the unlabelled ones; ``epoch``:
+        the schedule position handed to the method (default: the current epoch).
+        Returns the losses as one device tensor in :attr:`loss_names` order (no sync).
         """
         zero = image.new_zeros(())
-        logits = self._segment(image)
-        prob = torch.sigmoid(logits.float())
+        logits_u = None
+        if image_u is not None:  # one pass over both batches; the labelled logits come first
+            both = self._segment(torch.cat([image, image_u]))
+            logits, logits_u = both[:image.shape[0]], both[image.shape[0]:]
+        else:
+            logits = self._segment(image)
+        step = Step(image=image, target=target, logits=logits, prob=torch.sigmoid(logits.float()),
+                    segment=self._segment, epoch=float(self.epoch if epoch is None else epoch), index=self.step,
+                    image_u=image_u, logits_u=logits_u,
+                    prob_u=torch.sigmoid(logits_u.float()) if logits_u is not None else None, uniform=uniform)
         loss_critic = zero
         train_critic = self.critic is not None and w_adv > 0  # warm-up is segmentation only
         if train_critic:
             for _ in range(self.cfg.method.critic_steps):
                 self.opt_critic.zero_grad(set_to_none=True)
                 with self._autocast():
-                    loss_critic = self.method.critic_loss(self.critic, image, prob.detach(), target)
+                    loss_critic = self.method.critic_loss(self.critic, step)
                 loss_critic.backward()
                 if self.dist.enabled:
                     _allreduce_grads(self.critic)
                 self.opt_critic.step()
                 self.method.after_critic_step(self.critic)
             self.critic.requires_grad_(False)
-        loss_seg = self.seg_loss(logits, target)
-        loss_adv = zero
-        if train_critic:
-            with self._autocast():
-                loss_adv = self.method.adversarial_loss(self.critic, image, prob, target)
-        total = self.cfg.method.w_seg * loss_seg + w_adv * loss_adv
+        with self._autocast():
+            terms = self.method.segmentor_terms(self.critic if train_critic else None, step, w_adv)
+        total = None
+        for term in terms.values():
+            weighted = term.weight * term.value
+            total = weighted if total is None else total + weighted
         self.opt_seg.zero_grad(set_to_none=True)
         total.backward()
         self.opt_seg.step()
+        self.method.after_segmentor_step(self.segmentor, step)
         if train_critic:
             self.critic.requires_grad_(True)
-        return torch.stack([loss_seg.detach().float(), loss_adv.detach().float(), loss_critic.detach().float()])
+        values = [terms[name].value.detach().float() if name in terms else zero for name in self.method.loss_names]
+        return torch.stack([*values, loss_critic.detach().float()])
 
     # ------------------------------------------------------------------ epochs
     def fit(self, deadline: float | None = None, budget_s: float | None = None) -> str:
         """Run until ``train.epochs`` or the wall-clock ``deadline`` (``budget_s`` after the
         start); returns the stop reason."""
-        from segan.data import make_loader
-
         cfg = self.cfg
-        sampler = None
-        if self.dist.enabled:
-            from torch.utils.data import DistributedSampler
-
-            sampler = DistributedSampler(self.data.train_set, self.dist.world_size, self.dist.rank, shuffle=False)
-        loader = make_loader(self.data.train_set, cfg.train.batch_size, cfg.data.num_workers, sampler=sampler,
-                             seed=cfg.seed, pin_memory=self.device.type == "cuda")
+        pin = self.device.type == "cuda"
+        loader, sampler = self._loader(self.data.train_set, cfg.train.batch_size, pin)
+        streams = [(self.data.train_set, sampler)]
+        loader_u = None
+        if self.unlabeled_set is not None:
+            loader_u, sampler_u = self._loader(self.unlabeled_set, self.unlabeled_batch_size, pin)
+            streams.append((self.unlabeled_set, sampler_u))
         reason = "epochs"
         self._budget = (deadline, budget_s)
         self._seconds_before, self._fit_start = self.train_seconds(), time.monotonic()
         while self.epoch < cfg.train.epochs:
-            self.data.train_set.set_epoch(self.epoch)
-            if sampler is not None:
-                sampler.set_epoch(self.epoch)
-            stats, out_of_time = self.train_epoch(loader, deadline)
+            for dataset, shard in streams:
+                dataset.set_epoch(self.epoch)
+                if shard is not None:
+                    shard.set_epoch(self.epoch)
+            stats, out_of_time = self.train_epoch(loader, deadline, loader_u)
             self.epoch += 1
             progress = self._schedule_epoch(self.epoch) / cfg.train.epochs
             for sched in (self.sched_seg, self.sched_critic):
@@ -278,6 +307,23 @@ class Trainer:
         running = time.monotonic() - self._fit_start if self._fit_start is not None else 0.0
         return self._seconds_before + running
 
+    @property
+    def unlabeled_batch_size(self) -> int:
+        return self.cfg.data.unlabeled_batch_size or self.cfg.train.batch_size
+
+    def _loader(self, dataset, batch_size: int, pin_memory: bool):
+        """A loader over ``dataset`` in index order and, under DDP, the sampler that shards it."""
+        from segan.data import make_loader
+
+        sampler = None
+        if self.dist.enabled:
+            from torch.utils.data import DistributedSampler
+
+            sampler = DistributedSampler(dataset, self.dist.world_size, self.dist.rank, shuffle=False)
+        loader = make_loader(dataset, batch_size, self.cfg.data.num_workers, sampler=sampler, seed=self.cfg.seed,
+                             pin_memory=pin_memory)
+        return loader, sampler
+
     def run_validation(self, final: bool) -> dict:
         cfg = self.cfg
         cases = self.data.val_cases[: cfg.train.val_max_cases] if cfg.train.val_max_cases else self.data.val_cases
@@ -290,31 +336,32 @@ class Trainer:
             self.tracker.log_overlay(*res.overlay, self.data.region_names, self.epoch)
         return res.metrics
 
-    def train_epoch(self, loader, deadline: float | None) -> tuple[dict, bool]:
+    def train_epoch(self, loader, deadline: float | None, loader_u=None) -> tuple[dict, bool]:
         cfg = self.cfg
         self.segmentor.train()
         if self.critic is not None:
             self.critic.train()
-        window = torch.zeros(3, device=self.device)
-        totals, count, seen = [0.0, 0.0, 0.0], 0, 0
+        names = self.loss_names
+        window = torch.zeros(len(names), device=self.device)
+        totals, count, seen = [0.0] * len(names), 0, 0
         out_of_time = False
         start = time.perf_counter()
         bar = _progress(self.steps_per_epoch, f"epoch {self.epoch + 1}/{cfg.train.epochs}",
                         cfg.train.progress and self.dist.is_main)
-        it = iter(loader)
+        batches = _cycle(loader)
+        batches_u = _cycle(loader_u) if loader_u is not None else None
         for i in range(self.steps_per_epoch):
-            try:
-                batch = next(it)
-            except StopIteration:
-                it = iter(loader)
-                batch = next(it)
-            image = batch["image"].to(self.device, non_blocking=True)
-            target = batch["target"].to(self.device, non_blocking=True)
-            if self.memory_format is not None:
-                image = image.contiguous(memory_format=self.memory_format)
-                target = target.contiguous(memory_format=self.memory_format)
-            w_adv = adversarial_weight(cfg, self._schedule_epoch(self.epoch + i / self.steps_per_epoch))
-            window += self.train_step(image, target, w_adv)
+            batch = next(batches)
+            image = self._to_device(batch["image"])
+            target = self._to_device(batch["target"])
+            image_u = uniform = None
+            if batches_u is not None:
+                image_u = self._to_device(next(batches_u)["image"])
+                if "uniform" in batch:
+                    uniform = batch["uniform"].to(self.device, non_blocking=True)
+            epoch = self._schedule_epoch(self.epoch + i / self.steps_per_epoch)
+            w_adv = adversarial_weight(cfg, epoch)
+            window += self.train_step(image, target, w_adv, image_u=image_u, uniform=uniform, epoch=epoch)
             self.step += 1
             seen += image.shape[0]
             if (i + 1) % cfg.train.log_every == 0 or i + 1 == self.steps_per_epoch:
@@ -325,7 +372,7 @@ class Trainer:
                 count += n
                 window.zero_()
                 if bar is not None:
-                    bar.set_postfix(seg=f"{values[0]:.3f}", adv=f"{values[1]:.3f}", critic=f"{values[2]:.3f}")
+                    bar.set_postfix({name.removeprefix("loss_"): f"{v:.3f}" for name, v in zip(names, values)})
                 out_of_time = self._out_of_time(deadline)
             if bar is not None:
                 bar.update(1)
@@ -334,12 +381,16 @@ class Trainer:
         if bar is not None:
             bar.close()
         elapsed = time.perf_counter() - start
-        stats = {name: totals[k] / max(count, 1) for k, name in enumerate(LOSS_NAMES)}
+        stats = {name: totals[k] / max(count, 1) for k, name in enumerate(names)}
         stats["samples_per_s"] = seen * self.dist.world_size / max(elapsed, 1e-9)
         stats["w_adv"] = adversarial_weight(cfg, self._schedule_epoch(self.epoch + 1))
         if self.device.type == "cuda":
             stats["gpu_mem_peak_gb"] = torch.cuda.max_memory_allocated(self.device) / 1e9
         return stats, out_of_time
+
+    def _to_device(self, tensor: torch.Tensor) -> torch.Tensor:
+        tensor = tensor.to(self.device, non_blocking=True)
+        return tensor.contiguous(memory_format=self.memory_format) if self.memory_format is not None else tensor
 
     def _schedule_epoch(self, epoch: float) -> float:
         """The epoch the schedules (learning rate, adversarial warm-up) should act on: with a
@@ -354,7 +405,7 @@ class Trainer:
     def _check_finite(self, values: list[float]) -> None:
         if all(math.isfinite(v) for v in values):
             return
-        named = ", ".join(f"{n}={v:.4g}" for n, v in zip(LOSS_NAMES, values))
+        named = ", ".join(f"{n}={v:.4g}" for n, v in zip(self.loss_names, values))
         raise TrainingDiverged(
             f"training diverged at epoch {self.epoch + 1}, step {self.step} ({named}); the last good checkpoint "
             f"is kept in {self.out_dir}; lower optim.lr / optim.critic_lr or method.w_adv and resume or restart")
@@ -368,6 +419,19 @@ class Trainer:
             dist.all_reduce(t, op=dist.ReduceOp.MAX)
             flag = bool(t.item())
         return flag
+
+
+def _cycle(loader):
+    """The loader's batches, starting over when it runs out (``train.steps_per_epoch`` may ask
+    for more batches than one pass holds; the items of an epoch are fixed, so a restart
+    repeats them)."""
+    while True:
+        empty = True
+        for batch in loader:
+            empty = False
+            yield batch
+        if empty:
+            return
 
 
 def _allreduce_grads(module: nn.Module) -> None:

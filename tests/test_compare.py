@@ -148,12 +148,30 @@ def test_user_errors_are_one_line(store, tmp_path):
     assert not (tmp_path / "none.db").exists()
 
 
+def test_filter_keeps_matching_runs_and_says_how_many_it_left_out(store):
+    text = tracking.run_compare(["cmp"], "val_dice_mean", "method", "table", None, store["uri"],
+                                filter_string="params.seed = '1'")
+    table = text.split("\n\n")[1].splitlines()[2:]
+    assert sorted(line.split()[1] for line in table) == ["bce-seed1", "segan-seed1"]
+    assert text.endswith("5 other run(s) in cmp do not match --filter \"params.seed = '1'\" and are not shown; "
+                         "`segan compare -e cmp` lists every run")
+    # what `make demo` does: only the runs started since the demo began
+    later = tracking.run_compare(["cmp"], "val_dice_mean", "method", "table", None, store["uri"],
+                                 filter_string="attributes.start_time >= 99999999999999")
+    assert later.startswith("no runs in cmp match --filter") and "7 other run(s) in cmp" in later
+    with pytest.raises(UserError, match="--filter 'seed is one': not an MLflow search filter"):
+        tracking.run_compare(["cmp"], "val_dice_mean", "method", "table", None, store["uri"],
+                             filter_string="seed is one")
+
+
 # ------------------------------------------------------------------------------- sweeps
 def test_sweep_input_errors():
     from segan.sweep import child_overrides, parse_seeds, run_sweep
 
-    with pytest.raises(UserError, match="unknown method gan; allowed: .*segan"):
-        run_sweep(str(SMOKE), methods="segan,gan", seeds="0", overrides=[], tracking_uri=None)
+    with pytest.raises(UserError, match="unknown method segn \\(did you mean 'segan'\\?\\); allowed: .*bce"):
+        run_sweep(str(SMOKE), methods="segn,bce", seeds="0", overrides=[], tracking_uri=None)
+    with pytest.raises(UserError, match="unknown method xyz, qq; allowed: .*segan"):
+        run_sweep(str(SMOKE), methods="segan,xyz,qq", seeds="0", overrides=[], tracking_uri=None)
     with pytest.raises(UserError, match="'x' is not an integer"):
         parse_seeds("0,x")
     # A baseline swept from a SegAN config gets the baseline's family: its critic, no clamp;

@@ -7,7 +7,7 @@ from pathlib import Path
 import pytest
 
 from segan.config import Config, flatten, load_config, to_dict
-from segan.errors import UserError
+from segan.errors import UserError, did_you_mean
 
 CONFIGS = sorted(Path(__file__).resolve().parents[1].joinpath("configs").glob("*.yaml"))
 
@@ -30,7 +30,9 @@ def test_overrides_types_and_nesting():
 
 
 @pytest.mark.parametrize("override, needle", [
-    ("train.epoch=3", "unknown config key 'train.epoch'; allowed keys here: epochs, batch_size"),
+    ("train.epoch=3", "unknown config key 'train.epoch' (did you mean 'train.epochs'?); allowed keys here: epochs, "
+                      "batch_size"),
+    ("trian.epochs=3", "unknown config key 'trian' (did you mean 'train'?); allowed keys here: seed"),
     ("train.epochs=abc", "config key 'train.epochs' expects int, got 'abc'"),
     ("method.name=pix2pix", "config key 'method.name' is 'pix2pix'; allowed values: "),
     ("optim.name=sgd", "allowed values: adam, adamw, rmsprop"),
@@ -49,8 +51,12 @@ def _segan(*args, cwd=None):
 
 
 @pytest.mark.parametrize("args, needle", [
-    (["train", "-c", "configs/segan_2d.yaml", "--set", "train.epohcs=1"], "unknown config key 'train.epohcs'"),
-    (["train", "-c", "configs/segan_2d.yaml", "--set", "method.name=gan"], "'method.name' is 'gan'; allowed values"),
+    (["train", "-c", "configs/segan_2d.yaml", "--set", "train.max_minute=1"],
+     "unknown config key 'train.max_minute' (did you mean 'train.max_minutes'?); allowed keys here:"),
+    (["train", "-c", "configs/segan_2d.yaml", "--set", "method.name=segn"],
+     "'method.name' is 'segn' (did you mean 'segan'?); allowed values: "),
+    (["describe", "-c", "configs/segan_2d.yaml", "--set", "model.critic=patchgn"],
+     "'model.critic' is 'patchgn' (did you mean 'patchgan'?); allowed values: segan, patchgan, attention"),
     (["train", "-c", "missing.yaml"], "config file missing.yaml not found"),
     (["train", "-c", "configs/segan_2d.yaml", "--set", "data.root=/nonexistent/folder"], "/nonexistent/folder"),
 ])
@@ -61,6 +67,23 @@ def test_cli_bad_config_exit_2_one_line(args, needle):
     assert "Traceback" not in proc.stderr
     lines = [ln for ln in proc.stderr.splitlines() if ln.strip()]
     assert len(lines) == 1 and lines[0].startswith("error: ") and needle in lines[0], proc.stderr
+
+
+def test_cli_choice_typo_suggests_the_value():
+    """click suggests mistyped options and commands; segan's Choice adds the closest value."""
+    proc = _segan("compare", "--format", "tabel")
+    assert proc.returncode == 2
+    assert "'tabel' is not one of 'table', 'csv', 'json', 'markdown' (did you mean 'table'?)" in proc.stderr
+    proc = _segan("trian")
+    assert proc.returncode == 2 and "Did you mean 'train'?" in proc.stderr
+
+
+def test_did_you_mean_names_only_close_candidates():
+    assert did_you_mean("trian", ["seed", "train", "tracking"]) == " (did you mean 'train'?)"
+    assert did_you_mean("adm", ["adam", "adamw", "rmsprop"]) == " (did you mean 'adam' or 'adamw'?)"
+    assert did_you_mean("max_minute", ["epochs", "max_minutes"], prefix="train.") == \
+        " (did you mean 'train.max_minutes'?)"
+    assert did_you_mean("pix2pix", ["segan", "bce", "lsgan"]) == ""
 
 
 def test_bad_yaml_file(tmp_path):

@@ -3,6 +3,10 @@
 from __future__ import annotations
 
 import json
+import os
+import shutil
+import subprocess
+import sys
 from pathlib import Path
 
 import numpy as np
@@ -195,3 +199,55 @@ def test_regions_from_labels_match_cached_label(dataset):
     cached = cache.get(Case(entry["case"], list(entry["image"]), entry["label"]))
     assert np.array_equal(val.target, labels_to_regions(np.asarray(cached.label), bundle.region_labels))
     assert np.array_equal(val.image, cached.image)
+
+
+# ---------------------------------------------------------------- file checks before training
+def test_training_on_broken_files_exits_2_naming_every_one(dataset, tmp_path):
+    """The issue's case: unreadable scans in a folder without dataset.json. `segan train` runs
+    `prepare check`'s per-file checks first (no lead about data.regions) and names every file."""
+    root = tmp_path / "broken"
+    shutil.copytree(dataset, root)
+    (root / "dataset.json").unlink()
+    broken = [root / "imagesTr/case_0.nii.gz", root / "labelsTr/case_1.nii.gz", root / "labelsTr/case_2.nii.gz",
+              root / "labelsTr/case_3.nii.gz", root / "labelsTr/case_0.nii.gz"]
+    broken[0].write_text("not a scan\n")
+    broken[1].write_bytes(broken[1].read_bytes()[:200])  # truncated gzip
+    broken[2].write_bytes(b"")
+    broken[3].write_text("not a label map either\n")
+    broken[4].write_text("plain text\n")
+    repo = Path(__file__).resolve().parents[1]
+    proc = subprocess.run([sys.executable, "-m", "segan", "train", "-c", "configs/smoke.yaml",
+                           "--set", f"data.root={root}", "--set", f"preprocess.cache_dir={tmp_path / 'cache'}",
+                           "--set", "tracking.enabled=false", "--set", "data.patch_size=[32, 32]",
+                           "--out", str(tmp_path / "run")],
+                          capture_output=True, text=True, cwd=repo, timeout=300,
+                          env={**os.environ, "PYTHONPATH": str(repo)})
+    assert proc.returncode == 2, proc.stderr
+    assert "Traceback" not in proc.stderr and "data.regions" not in proc.stderr
+    lines = proc.stderr.strip().splitlines()
+    assert lines[0].startswith(f"error: {len(broken)} problem(s) in the training data of {root}"), proc.stderr
+    for path in broken:
+        assert sum(line.strip().startswith(f"{path}:") for line in lines) == 1, (path, proc.stderr)
+    assert "not a readable NIfTI" in proc.stderr and "truncated" in proc.stderr and "0 bytes" in proc.stderr
+    assert lines[-1].startswith("fix them and train again")
+    assert not (tmp_path / "run").exists()  # nothing was built or written
+
+
+def test_file_checks_are_remembered_by_size_and_mtime(dataset, tmp_path):
+    """A clean data set is read once: a later change that keeps a file's size and mtime is not
+    seen (the check was not run again), a new mtime is."""
+    root = tmp_path / "tiny"
+    shutil.copytree(dataset, root)
+    cfg = _cfg(root)
+    build_data(cfg)
+    record = json.loads((root.parent / "cache" / "checked.json").read_text())
+    assert len(record["cases"]) == len(GRIDS)  # training + validation cases, all clean
+    victim = root / "labelsTr/case_1.nii.gz"
+    st = victim.stat()
+    victim.write_bytes(b"\0" * st.st_size)  # broken, but same size ...
+    os.utime(victim, ns=(st.st_atime_ns, st.st_mtime_ns))  # ... and same mtime: taken as the checked file
+    assert len(build_data(cfg).datalist["training"]) == 3
+    os.utime(victim, ns=(st.st_atime_ns, st.st_mtime_ns + 10**9))
+    with pytest.raises(UserError, match=r"1 problem\(s\) in the training data") as exc:
+        build_data(cfg)
+    assert f"{victim}: not a readable NIfTI file" in str(exc.value)

@@ -180,3 +180,51 @@ def test_usage_errors(tmp_path):
     (tmp_path / "p").mkdir()
     with pytest.raises(UserError, match="holds no .nii"):
         run_evaluate(tmp_path / "p", tmp_path / "gt")
+
+
+def test_swapped_folders_exit_2_with_the_right_command(tmp_path, capsys):
+    """`-p GT -g PRED`: the -g folder holds model.json, predictions.csv and a probability map,
+    as `segan predict` writes them, and masks with only the model's label ids."""
+    gt, pred = tmp_path / "root" / "labelsTs", tmp_path / "pred"
+    gt.mkdir(parents=True)
+    pred.mkdir()
+    for name in ("a", "b"):
+        save(gt / f"{name}.nii.gz", truth())
+        save(pred / f"{name}.nii.gz", partial())
+    nib.save(nib.Nifti1Image(np.zeros(SHAPE + (2,), np.float32), AFFINE), str(pred / "a_prob.nii.gz"))
+    (pred / "model.json").write_text(json.dumps({"regions": {"whole": [1, 2], "core": [2]}}))
+    (pred / "predictions.csv").write_text("case,inputs,status,message,seconds,output\n")
+    out = tmp_path / "metrics.csv"
+    env = {**os.environ, "PYTHONPATH": str(ROOT), "OMP_NUM_THREADS": "1"}
+    cmd = [sys.executable, "-m", "segan", "evaluate", "--out", str(out)]
+    swapped = subprocess.run(cmd + ["-p", str(gt), "-g", str(pred)], capture_output=True, text=True, env=env,
+                             cwd=ROOT, timeout=300)
+    assert swapped.returncode == 2, swapped.stderr
+    lines = swapped.stderr.strip().splitlines()
+    assert len(lines) == 1 and lines[0].startswith("error: -p and -g look swapped"), swapped.stderr
+    assert "model.json" in lines[0] and "predictions.csv" in lines[0] and "probability map" in lines[0]
+    assert "label ids (1, 2)" in lines[0]
+    assert lines[0].endswith(f"segan evaluate -p {pred} -g {gt} --out {out}")
+    assert not out.exists()
+    assert run_evaluate(pred, gt, out=out) == 0  # the right way round
+    assert float(read_csv(out)["mean"]["dice_whole"]) == pytest.approx(32 / 36, abs=1e-5)
+    assert f"per-case metrics written to {out}" in capsys.readouterr().out
+
+
+def test_not_swapped_two_prediction_folders_or_foreign_labels(tmp_path, capsys):
+    """Two models' predictions (both folders hold model.json) and a -g folder whose masks hold a
+    label its model.json cannot write are evaluated, not refused."""
+    a, b = tmp_path / "model_a", tmp_path / "model_b"
+    for folder in (a, b):
+        folder.mkdir()
+        save(folder / "x.nii.gz", truth())
+        (folder / "model.json").write_text(json.dumps({"regions": {"whole": [1, 2]}}))
+    assert run_evaluate(a, b) == 0
+    plain = tmp_path / "plain"
+    plain.mkdir()
+    save(plain / "x.nii.gz", truth())
+    foreign = truth()
+    foreign[0, 0, 0] = 5  # not an id of model_b's regions
+    save(b / "x.nii.gz", foreign)
+    assert run_evaluate(plain, b, regions="whole=1,2") == 0
+    assert "swapped" not in capsys.readouterr().err

@@ -18,7 +18,7 @@ from conftest import run_cli
 from segan.config import from_dict
 from segan.config_layers import format_resolved, resolve_config
 from segan.errors import UserError
-from segan.methods import METHODS, fused_pass_is_exact
+from segan.methods import METHODS, Step, fused_pass_is_exact
 
 CONFIGS = Path(__file__).resolve().parents[1] / "configs"
 GAN_METHODS = sorted(name for name, cls in METHODS.items() if cls.has_critic)
@@ -111,12 +111,17 @@ def _batch(dims: int = 2, n: int = 3):
             (torch.rand(shape, generator=g) > 0.5).float())
 
 
+def _step(image, prob, target) -> Step:
+    """A training iteration with the given prediction (``prob`` stands in for the segmentor's output)."""
+    return Step(image=image, target=target, logits=torch.logit(prob), prob=prob, segment=lambda x: x)
+
+
 def _critic_step(cfg, method, critic, batch, fused: bool):
     cfg.train.fused_critic = fused
     critic = copy.deepcopy(critic)
     torch.manual_seed(2)  # the gradient penalty's interpolation weights
     image, prob, target = batch
-    loss = method.critic_loss(critic, image, prob, target)
+    loss = method.critic_loss(critic, _step(image, prob, target))
     loss.backward()
     grads = [p.grad.clone() for p in critic.parameters()]
     return loss.detach(), grads, [b.clone() for b in critic.buffers()]
@@ -160,7 +165,7 @@ def test_target_no_grad_is_exact(norm):
         cfg.train.target_no_grad = no_grad
         p = prob.clone().requires_grad_(True)
         net = copy.deepcopy(critic)
-        loss = method.adversarial_loss(net, image, p, target)
+        loss = method.segmentor_terms(net, _step(image, p, target), w_adv=1.0)["loss_adv"].value
         loss.backward()
         results.append((loss.detach(), p.grad.clone(), [b.clone() for b in net.buffers()]))
     (la, ga, ba), (lb, gb, bb) = results

@@ -4,10 +4,15 @@ from __future__ import annotations
 
 import json
 import os
+import subprocess
+import sys
+import time
+from pathlib import Path
 
 import numpy as np
 import pytest
 
+from data_prep.cache import CheckRecord, enforce_limit, scan
 from data_prep.io import ScanError, save_nifti
 from data_prep.msd import Case
 from data_prep.preprocess import (
@@ -226,3 +231,48 @@ def test_cache_rejects_label_on_another_grid(tmp_path):
     with pytest.raises(ScanError, match="bad_lab.*label shape"):
         CaseCache(tmp_path / "cache", _spec()).get(case)
     assert not list((tmp_path / "cache").rglob("meta.json"))
+
+
+def test_cache_stays_under_its_limit_and_cache_clear_empties_it(tmp_path):
+    """Real entries above a tiny limit: stale ones go first, then the least recently used; the
+    running job's entries and recently used ones stay. `segan cache info|clear` as subprocesses."""
+    image, label, _ = _scan(shape=(24, 26, 10))
+    cache_dir = tmp_path / "cache"
+    cache = CaseCache(cache_dir, _spec(spacing=None))
+    cases = [_write_case(tmp_path / "raw", f"c{i}", image, label, LPS_ANISO) for i in range(6)]
+    entries = [cache.get(c).path for c in cases]
+    size = max(e.size for e in scan(cache_dir))
+    hour_ago = time.time() - 3600
+    for k, entry in enumerate(entries):  # last used an hour ago, c0 first ... c5 last
+        os.utime(entry / "meta.json", (hour_ago + k, hour_ago + k))
+    os.unlink(cases[5].images[0])  # c5's source is gone: stale, although the most recently used
+    cache.get(cases[3])  # c3 used again now: newest, and inside the grace window
+    limit = int(2.5 * size)
+    removed = enforce_limit(cache_dir, keep=[entries[0]], limit=limit)  # the running job uses c0, the oldest
+    assert [e.path.name for e in removed] == [entries[i].name for i in (5, 1, 2, 4)]
+    left = scan(cache_dir)
+    assert sorted(e.path for e in left) == sorted([entries[0], entries[3]])
+    assert sum(e.size for e in left) <= limit
+    assert not any(e.stale for e in left)
+
+    record = CheckRecord(cache_dir)  # a remembered file check, which `cache clear` removes too
+    record.put(cases[0], [0, 1, 2], {"case": "c0"})
+    record.save()
+    repo = Path(__file__).resolve().parents[1]
+    env = {**os.environ, "PYTHONPATH": str(repo), "SEGAN_CACHE": str(cache_dir), "SEGAN_CACHE_MAX_GB": "0.5"}
+
+    def segan(*args, **extra_env):
+        return subprocess.run([sys.executable, "-m", "segan", *args], capture_output=True, text=True,
+                              env={**env, **extra_env}, timeout=120)
+
+    info = segan("cache", "info")
+    assert info.returncode == 0, info.stderr
+    assert f"{cache_dir}: 2 preprocessed case(s), {sum(e.size for e in left) / 1e6:.1f} MB" in info.stdout
+    assert "limit: 500.0 MB ($SEGAN_CACHE_MAX_GB)" in info.stdout and "file checks remembered: 1" in info.stdout
+    cleared = segan("cache", "clear")
+    assert cleared.returncode == 0 and "removed 2 preprocessed case(s)" in cleared.stdout, cleared.stderr
+    assert scan(cache_dir) == [] and not (cache_dir / "checked.json").exists()
+    assert "0 preprocessed case(s), 0.0 MB" in segan("cache", "info").stdout
+    bad = segan("cache", "info", SEGAN_CACHE_MAX_GB="lots")
+    assert bad.returncode == 2 and bad.stderr.strip() == \
+        "error: $SEGAN_CACHE_MAX_GB='lots': expected a positive number of GB, e.g. SEGAN_CACHE_MAX_GB=5"

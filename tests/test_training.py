@@ -138,6 +138,8 @@ def test_time_budget_validates_saves_and_ends_normally(phantoms, tmp_path):
     result = run_training(cfg, out_dir=tmp_path / "run")
     assert result.exit_code == 0 and result.status == "FINISHED"
     assert result.epochs_done == 1 and "time budget" in result.message
+    summary = result.summary().splitlines()  # the stop reason is on the FINISHED line, not after it
+    assert len(summary) == 1 and summary[0].startswith("FINISHED (stopped: time budget): 1 epochs, best val_dice_mean")
     assert "val_dice_mean" in result.metrics and (tmp_path / "run" / "best.pt").is_file()
     assert (tmp_path / "run" / "config.yaml").is_file()
 

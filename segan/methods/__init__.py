@@ -7,7 +7,8 @@ hinge, wgangp).
 
 # Registration order is the order users see in messages and help: SegAN first.
 from segan.methods import segan, patchgan, supervised  # noqa: F401,I001  (registers the methods)
-from segan.methods.base import METHODS, Family, Method, family_keys, fused_pass_is_exact, register
+from segan.methods.base import METHODS, Family, Method, Step, Term, family_keys, fused_pass_is_exact, register
 from segan.methods.segan import masked_images
 
-__all__ = ["METHODS", "Family", "Method", "family_keys", "fused_pass_is_exact", "masked_images", "register"]
+__all__ = ["METHODS", "Family", "Method", "Step", "Term", "family_keys", "fused_pass_is_exact", "masked_images",
+           "register"]

@@ -3,16 +3,19 @@
 A method is one small object per training objective, found by name in :data:`METHODS`.
 It declares a :class:`Family` (the critic it needs, the critic norms and clamp it works
 with, its adversarial weight and warm-up), builds its critic, forms the critic's input,
-and computes the critic's loss and the segmentor's adversarial term. The training loop
-never branches on the method's name.
+and, given one training iteration as a :class:`Step`, computes the critic's loss
+(:meth:`Method.critic_loss`) and the segmentor's named loss terms
+(:meth:`Method.segmentor_terms`). The training loop owns optimizers, autocast, backward,
+gradient averaging, logging and the NaN guard, and never branches on the method's name.
 
-Shapes: image ``(N, C, *spatial)``, probabilities and targets ``(N, K, *spatial)``.
+Shapes: labelled image ``(N, C, *spatial)``, its targets, logits and probabilities
+``(N, K, *spatial)``; the unlabelled batch ``(M, C, *spatial)`` and ``(M, K, *spatial)``.
 """
 
 from __future__ import annotations
 
 from dataclasses import dataclass, field
-from typing import Any, Callable, ClassVar, Mapping
+from typing import Any, Callable, ClassVar, Mapping, NamedTuple
 
 import torch
 from torch import nn
@@ -21,6 +24,7 @@ from torch.nn.modules.dropout import _DropoutNd
 from torch.nn.utils import parametrize
 
 from segan.config import Config
+from segan.losses import SegmentationLoss
 
 
 @dataclass(frozen=True)
@@ -75,17 +79,70 @@ def fused_pass_is_exact(critic: nn.Module) -> bool:
     return True
 
 
+@dataclass
+class Step:
+    """One training iteration as a method sees it (built by the training loop).
+
+    ``logits`` carry the segmentor's graph; ``prob = sigmoid(logits)`` in float32. A
+    method detaches what its critic must not push back into the segmentor. The
+    unlabelled fields are set only when the data has an unlabelled stream and the
+    method uses it (:attr:`Method.uses_unlabeled`): the loop then segments
+    ``[image; image_u]`` in one pass and splits the logits.
+    """
+
+    image: torch.Tensor  # (N, C, *s)
+    target: torch.Tensor  # (N, K, *s) 0/1 regions
+    logits: torch.Tensor  # (N, K, *s)
+    prob: torch.Tensor  # (N, K, *s) float32
+    segment: Callable[[torch.Tensor], torch.Tensor]  # segmentor logits of another input (autocast, graph kept)
+    epoch: float = 0.0  # schedule position in epochs (follows train.max_minutes too)
+    index: int = 0  # optimizer steps done before this one
+    image_u: torch.Tensor | None = None  # (M, C, *s)
+    logits_u: torch.Tensor | None = None  # (M, K, *s)
+    prob_u: torch.Tensor | None = None  # (M, K, *s) float32
+    uniform: torch.Tensor | None = None  # (N,) bool: labelled items drawn like the unlabelled ones (not
+    #                                       centred on a label), for statistics compared with the unlabelled batch
+
+    @property
+    def has_unlabeled(self) -> bool:
+        return self.image_u is not None
+
+
+class Term(NamedTuple):
+    """One named term of the segmentor's loss: the segmentor minimises ``sum(weight * value)``;
+    ``value`` (a scalar tensor) is what is logged."""
+
+    value: torch.Tensor
+    weight: float
+
+
 class Method:
-    """Supervised base: no critic, no adversarial term."""
+    """Supervised base: the segmentation loss only, no critic.
+
+    Contract (called by :class:`segan.training.Trainer`, under autocast):
+
+    - :meth:`critic_loss` ``(critic, step)``: the critic's loss to minimise (predictions detached here);
+    - :meth:`segmentor_terms` ``(critic, step, w_adv)``: named :class:`Term` s; ``critic`` is None
+      while the adversarial term is off (warm-up, or no critic), and is frozen otherwise;
+    - hooks :meth:`prepare` (after the segmentor is built), :meth:`after_critic_step`,
+      :meth:`after_segmentor_step`; :meth:`state_dict` / :meth:`load_state_dict` for state
+      the method owns (a mean teacher's weights), saved in every checkpoint.
+    """
 
     name: ClassVar[str] = "base"
     has_critic: ClassVar[bool] = False
     family: ClassVar[Family] = Family()
+    # Whether the loop draws and segments an unlabelled batch for this method (when the data has one).
+    uses_unlabeled: ClassVar[bool] = False
+    # The segmentor terms logged every epoch, in this order (a term off in a step counts 0). Every method
+    # logs loss_seg and loss_adv, so runs of different methods compare alike.
+    loss_names: ClassVar[tuple[str, ...]] = ("loss_seg", "loss_adv")
 
     def __init__(self, cfg: Config, in_channels: int, n_regions: int) -> None:
         self.cfg = cfg
         self.in_channels = in_channels
         self.n_regions = n_regions
+        self.seg_loss = SegmentationLoss(cfg.method.seg_loss, cfg.method.dice_batch)
 
     # ---------------------------------------------------------------- critic
     @property
@@ -104,15 +161,18 @@ class Method:
 
         return build_critic(self.cfg.model, self.cfg.data.spatial_dims, self.critic_in_channels)
 
-    def critic_loss(self, critic: nn.Module, image: torch.Tensor, prob: torch.Tensor,
-                    target: torch.Tensor) -> torch.Tensor:
-        """The critic's loss to minimise, ``prob`` detached by the caller."""
+    def critic_loss(self, critic: nn.Module, step: Step) -> torch.Tensor:
+        """The critic's loss to minimise; the segmentor's outputs enter detached."""
         raise NotImplementedError
 
-    def adversarial_loss(self, critic: nn.Module, image: torch.Tensor, prob: torch.Tensor,
-                         target: torch.Tensor) -> torch.Tensor:
-        """The segmentor's adversarial term (critic frozen by the caller)."""
-        raise NotImplementedError
+    # ---------------------------------------------------------------- segmentor
+    def segmentor_terms(self, critic: nn.Module | None, step: Step, w_adv: float) -> dict[str, Term]:
+        """The segmentor's loss terms; here the segmentation loss on the labelled batch."""
+        return {"loss_seg": Term(self.seg_loss(step.logits, step.target), self.cfg.method.w_seg)}
+
+    # ---------------------------------------------------------------- hooks and state
+    def prepare(self, segmentor: nn.Module, device: torch.device) -> None:
+        """Called once the segmentor is built and on its device (before any checkpoint is loaded)."""
 
     @torch.no_grad()
     def after_critic_step(self, critic: nn.Module) -> None:
@@ -127,6 +187,16 @@ class Method:
         else:  # how the reference code does it
             for p in params:
                 p.data.clamp_(-c, c)
+
+    def after_segmentor_step(self, segmentor: nn.Module, step: Step) -> None:
+        """Called after every segmentor update (a mean teacher follows the student here)."""
+
+    def state_dict(self) -> dict[str, Any]:
+        """Tensors and numbers the method owns besides the networks (saved in checkpoints)."""
+        return {}
+
+    def load_state_dict(self, state: Mapping[str, Any]) -> None:
+        """Restore :meth:`state_dict` (resume)."""
 
     def critic_pair(self, critic: nn.Module, fake: torch.Tensor,
                     real: torch.Tensor) -> tuple[list[torch.Tensor], list[torch.Tensor]]:

@@ -12,7 +12,7 @@ from typing import ClassVar
 import torch
 
 from segan.losses import GAN_OBJECTIVES, gradient_penalty
-from segan.methods.base import Family, Method, register
+from segan.methods.base import Family, Method, Step, Term, register
 
 _LOGITS_CRITICS = (("patchgan", "attention"), "a GAN objective reads a logits map, which the patchgan and "
                                               "attention critics return (the segan critic returns features)")
@@ -53,12 +53,17 @@ class PatchGAN(Method):
     def critic_input(self, image: torch.Tensor, mask: torch.Tensor) -> torch.Tensor:
         return torch.cat([image, mask], 1)
 
-    def critic_loss(self, critic, image, prob, target):
-        fake, real = self.critic_pair(critic, self.critic_input(image, prob), self.critic_input(image, target))
+    def critic_loss(self, critic, step: Step):
+        fake, real = self.critic_pair(critic, self.critic_input(step.image, step.prob.detach()),
+                                      self.critic_input(step.image, step.target))
         return self.gan.critic(real[-1].float(), fake[-1].float())
 
-    def adversarial_loss(self, critic, image, prob, target):
-        return self.gan.generator(critic(self.critic_input(image, prob))[-1].float())
+    def segmentor_terms(self, critic, step: Step, w_adv: float) -> dict[str, Term]:
+        terms = super().segmentor_terms(critic, step, w_adv)
+        if critic is not None:
+            fake = critic(self.critic_input(step.image, step.prob))[-1].float()
+            terms["loss_adv"] = Term(self.gan.generator(fake), w_adv)
+        return terms
 
 
 @register("bce")
@@ -89,7 +94,8 @@ class WGANGP(PatchGAN):
     objective = "wgangp"
     family = WGANGP_FAMILY
 
-    def critic_loss(self, critic, image, prob, target):
-        loss = super().critic_loss(critic, image, prob, target)
-        real_in, fake_in = self.critic_input(image, target), self.critic_input(image, prob)
+    def critic_loss(self, critic, step: Step):
+        loss = super().critic_loss(critic, step)
+        real_in = self.critic_input(step.image, step.target)
+        fake_in = self.critic_input(step.image, step.prob.detach())
         return loss + gradient_penalty(lambda x: critic(x)[-1].float(), real_in, fake_in, self.cfg.method.gp_lambda)

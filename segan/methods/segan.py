@@ -7,7 +7,7 @@ from contextlib import nullcontext
 import torch
 
 from segan.losses import multiscale_l1
-from segan.methods.base import Family, Method, register
+from segan.methods.base import Family, Method, Step, Term, register
 
 
 def masked_images(image: torch.Tensor, masks: torch.Tensor) -> torch.Tensor:
@@ -52,13 +52,17 @@ class SegAN(Method):
         m = self.cfg.method
         return multiscale_l1([f.float() for f in fake], [r.float() for r in real], m.l1_weighting, m.feature_norm)
 
-    def critic_loss(self, critic, image, prob, target):
-        fake, real = self.critic_pair(critic, self.critic_input(image, prob), self.critic_input(image, target))
+    def critic_loss(self, critic, step: Step):
+        fake, real = self.critic_pair(critic, self.critic_input(step.image, step.prob.detach()),
+                                      self.critic_input(step.image, step.target))
         return -self._l1(fake, real)
 
-    def adversarial_loss(self, critic, image, prob, target):
-        fake = critic(self.critic_input(image, prob))
-        # The target branch does not depend on the segmentor: no graph needed (same values).
-        with torch.no_grad() if self.cfg.train.target_no_grad else nullcontext():
-            real = critic(self.critic_input(image, target))
-        return self._l1(fake, real)
+    def segmentor_terms(self, critic, step: Step, w_adv: float) -> dict[str, Term]:
+        terms = super().segmentor_terms(critic, step, w_adv)
+        if critic is not None:
+            fake = critic(self.critic_input(step.image, step.prob))
+            # The target branch does not depend on the segmentor: no graph needed (same values).
+            with torch.no_grad() if self.cfg.train.target_no_grad else nullcontext():
+                real = critic(self.critic_input(step.image, step.target))
+            terms["loss_adv"] = Term(self._l1(fake, real), w_adv)
+        return terms

@@ -28,13 +28,15 @@ def _channels_and_regions(cfg: Config, in_channels: int | None) -> tuple[int, in
 
 
 def _layer_table(model: nn.Module, x: torch.Tensor) -> list[str]:
-    rows: list[str] = []
+    """Header and one line per leaf layer (name, output shape, own parameters), in columns
+    as wide as their longest entry."""
+    rows: list[tuple[str, str, str]] = []
     hooks = []
 
     def hook(name):
         def fn(_m, _inp, out):
             shapes = [tuple(o.shape) for o in out] if isinstance(out, (list, tuple)) else [tuple(out.shape)]
-            rows.append(f"  {name:<48} {str(shapes[-1]):<26} {sum(p.numel() for p in _m.parameters(recurse=False)):>10,}")
+            rows.append((name, str(shapes[-1]), f"{sum(p.numel() for p in _m.parameters(recurse=False)):,}"))
         return fn
 
     for name, m in model.named_modules():
@@ -44,7 +46,9 @@ def _layer_table(model: nn.Module, x: torch.Tensor) -> list[str]:
         model.eval()(x)
     for h in hooks:
         h.remove()
-    return rows
+    table = [("layer", "output shape", "params"), *rows]
+    w_name, w_shape, w_params = (max(len(r[i]) for r in table) for i in range(3))
+    return [f"  {n:<{w_name}}  {s:<{w_shape}}  {p:>{w_params}}" for n, s, p in table]
 
 
 def describe_models(cfg: Config, in_channels: int | None = None) -> str:
@@ -53,8 +57,7 @@ def describe_models(cfg: Config, in_channels: int | None = None) -> str:
     size = list(cfg.data.patch_size)
     seg = build_segmentor(cfg.model, dims, n_in, n_out)
     lines = [f"segmentor: {cfg.model.segmentor} {dims}D, {n_in} channels -> {n_out} regions, input {[1, n_in] + size}",
-             f"  {'layer':<48} {'output shape':<26} {'params':>10}"]
-    lines += _layer_table(seg, torch.zeros([1, n_in] + size))
+             *_layer_table(seg, torch.zeros([1, n_in] + size))]
     lines.append(f"  total parameters: {sum(p.numel() for p in seg.parameters()):,}")
     method = METHODS[cfg.method.name](cfg, n_in, n_out)
     critic = method.build_critic()

@@ -13,6 +13,7 @@ import csv
 import io
 import json
 import math
+import shlex
 import time
 from dataclasses import dataclass, field
 from pathlib import Path
@@ -22,7 +23,7 @@ import numpy as np
 from mlflow.exceptions import MlflowException
 from mlflow.tracking import MlflowClient
 
-from segan.errors import UserError
+from segan.errors import UserError, did_you_mean
 from segan.tracking.meta import STOP_REASON_TAG, TRAINED_METRICS
 from segan.tracking.plots import save_compare_png
 from segan.tracking.store import open_store, short
@@ -91,10 +92,13 @@ class RunRow:
 
 
 def collect_runs(experiments: list[str], metric: str, group_by: str = "method", tracking_uri: str | None = None,
-                 parent_run_id: str | None = None) -> list[RunRow]:
+                 parent_run_id: str | None = None, filter_string: str | None = None,
+                 histories: bool = True) -> list[RunRow]:
     """Rows for every run of ``experiments`` (all but an empty "Default" when none are named).
 
-    Sweep parent runs are skipped; ``parent_run_id`` keeps only that sweep's children.
+    Sweep parent runs are skipped; ``parent_run_id`` keeps only that sweep's children;
+    ``filter_string`` (MLflow's search syntax, as in the UI's search box) keeps the runs it
+    matches. ``histories=False`` skips reading metric histories (rows without metrics).
     """
     client, uri = open_store(tracking_uri)
     try:
@@ -102,14 +106,20 @@ def collect_runs(experiments: list[str], metric: str, group_by: str = "method", 
         by_name = {e.name: e for e in all_exps}
         missing = [name for name in experiments if name not in by_name]
         if missing:
-            raise UserError(f"experiment {', '.join(repr(m) for m in missing)} not found in {uri}; existing "
+            raise UserError(f"experiment {', '.join(repr(m) for m in missing)} not found in {uri}"
+                            f"{did_you_mean(missing[0], by_name)}; existing "
                             f"experiments: {', '.join(sorted(by_name)) or 'none'}")
         exps = [by_name[n] for n in dict.fromkeys(experiments)] if experiments else all_exps
-        filt = f"tags.`mlflow.parentRunId` = '{parent_run_id}'" if parent_run_id else ""
+        parent = f"tags.`mlflow.parentRunId` = '{parent_run_id}'" if parent_run_id else ""
+        filt = " and ".join(f for f in (parent, filter_string) if f)
         now = time.time() * 1000
-        return [_row(client, exp.name, run, metric, group_by, now) for exp in exps
+        return [_row(client, exp.name, run, metric, group_by, now, histories) for exp in exps
                 for run in _search_runs(client, exp.experiment_id, filt)]
     except MlflowException as exc:
+        if filter_string and exc.error_code == "INVALID_PARAMETER_VALUE":
+            raise UserError(f"--filter {filter_string!r}: not an MLflow search filter ({short(exc)}); e.g. "
+                            "--filter \"params.seed = '0'\" or --filter 'attributes.start_time >= 1718000000000'"
+                            ) from None
         raise UserError(f"MLflow store {uri} could not be read ({short(exc)}); check --tracking-uri") from None
 
 
@@ -124,7 +134,8 @@ def _search_runs(client: MlflowClient, experiment_id: str, filter_string: str) -
             return
 
 
-def _row(client: MlflowClient, experiment: str, run: Any, metric: str, group_by: str, now_ms: float) -> RunRow:
+def _row(client: MlflowClient, experiment: str, run: Any, metric: str, group_by: str, now_ms: float,
+         histories: bool = True) -> RunRow:
     """A run's row: the best value of each metric (system metrics aside) and the history of ``metric``."""
     info, data = run.info, run.data
     row = RunRow(run_id=info.run_id, run_name=info.run_name or "", experiment=experiment, status=info.status,
@@ -137,7 +148,7 @@ def _row(client: MlflowClient, experiment: str, run: Any, metric: str, group_by:
     trained = [data.metrics.get(k) for k in TRAINED_METRICS]  # the latest values
     row.epochs_done, row.steps_done = (None if v is None else int(v) for v in trained[:2])
     row.train_seconds = trained[2]
-    for key in sorted(data.metrics):
+    for key in sorted(data.metrics) if histories else ():
         if key.startswith("system/") or key in TRAINED_METRICS:
             continue
         history = client.get_metric_history(info.run_id, key)
@@ -204,14 +215,24 @@ def _render_table(header: list[str], body: list[list[str]], markdown: bool) -> s
 
 def run_compare(experiments: list[str], metric: str = "val_dice_mean", group_by: str = "method",
                 fmt: str = "table", plot: Path | None = None, tracking_uri: str | None = None,
-                parent_run_id: str | None = None) -> str:
+                parent_run_id: str | None = None, filter_string: str | None = None) -> str:
     """The comparison as text: ``table`` | ``markdown`` (runs, then mean ± std per group),
-    ``csv`` (runs) or ``json`` (a list of runs with their best metrics). ``plot``: a PNG."""
-    rows = collect_runs(experiments, metric, group_by, tracking_uri, parent_run_id)
+    ``csv`` (runs) or ``json`` (a list of runs with their best metrics). ``plot``: a PNG.
+    ``filter_string``: only the runs this MLflow search filter matches; the table then says
+    how many runs of the experiments it left out."""
+    rows = collect_runs(experiments, metric, group_by, tracking_uri, parent_run_id, filter_string)
     where = ", ".join(experiments) if experiments else "any experiment"
+    note = ""
+    if filter_string:
+        others = len(collect_runs(experiments, metric, group_by, tracking_uri, parent_run_id,
+                                  histories=False)) - len(rows)
+        all_runs = shlex.join(["segan", "compare", *(a for e in experiments for a in ("-e", e))])
+        note = (f"\n\n{others} other run(s) in {where} do not match --filter {filter_string!r} and are not "
+                f"shown; `{all_runs}` lists every run" if others else "")
     if rows and not any(metric in r.metrics for r in rows):
         known = sorted({k for r in rows for k in r.metrics})
-        raise UserError(f"metric {metric!r} is not logged by any run in {where}; logged metrics: "
+        raise UserError(f"metric {metric!r} is not logged by any run in {where}{did_you_mean(metric, known)}; "
+                        "logged metrics: "
                         f"{', '.join(known) or 'none'}")
     rows = _sort_rows(rows, metric)
     if plot is not None and rows:
@@ -221,9 +242,9 @@ def run_compare(experiments: list[str], metric: str = "val_dice_mean", group_by:
     if fmt == "csv":
         return _csv(rows)
     if not rows:
-        return f"no runs in {where}"
+        return f"no runs in {where}" + (f" match --filter {filter_string!r}" if filter_string else "") + note
     text = _report(rows, metric, group_by, f"Runs in {where}", markdown=fmt == "markdown")
-    return text + (f"\n\nplot written to {plot}" if plot is not None else "")
+    return text + note + (f"\n\nplot written to {plot}" if plot is not None else "")
 
 
 def _csv(rows: list[RunRow]) -> str:

@@ -64,7 +64,9 @@ def save_curves_png(path: Path, history: list[dict]) -> None:
 
     epochs = [h.get("epoch", i) for i, h in enumerate(history)]
     fig = Figure(figsize=(10, 4), dpi=100)
-    panels = ((fig.add_subplot(1, 2, 1), ("loss_seg", "loss_adv", "loss_critic"), "loss"),
+    named = ("loss_seg", "loss_adv", "loss_critic")  # every method's, then the method's own terms
+    losses = [*named, *sorted({k for h in history for k in h if k.startswith("loss_")} - set(named))]
+    panels = ((fig.add_subplot(1, 2, 1), losses, "loss"),
               (fig.add_subplot(1, 2, 2), ["val_dice_mean"] + sorted({k for h in history for k in h
                                                                       if k.startswith("val_dice_")} - {"val_dice_mean"}),
                "validation Dice"))

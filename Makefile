@@ -1,6 +1,8 @@
 # The two commands: `make demo` and `make test`. Both create .venv if missing and
 # install torch first (CPU wheel by default; override TORCH_SPEC for CUDA builds),
-# then the package with its dev extra.
+# then the package with its dev extra, every other package at the exact version of
+# constraints.txt (the versions the test suite passed with; `make lock` refreshes it;
+# `CONSTRAINTS=` installs from setup.cfg's ranges instead).
 PYTHON ?= python3
 VENV ?= .venv
 TORCH_SPEC ?= torch==2.13.0
@@ -9,20 +11,22 @@ DEMO_DIR ?= data/phantoms
 DEMO_MINUTES ?= 5
 DEMO_OUT ?= outputs/demo
 PYTEST_ARGS ?=
+CONSTRAINTS ?= constraints.txt
+LOCK_VENV ?= /tmp/segan-lock-venv
 SEGAN := $(BIN)/segan
 # When this `make` began (ms since the epoch): the demo's comparison shows only the runs it made.
 DEMO_SINCE := $(shell date +%s)000
 MLFLOW_UI := MLFLOW_SERVER_ENABLE_JOB_EXECUTION=false mlflow ui --backend-store-uri sqlite:///mlflow_runs/mlflow.db --workers 1
 
-.PHONY: install demo test clean
+.PHONY: install demo test lock clean
 
 $(BIN)/python:
 	$(PYTHON) -m venv $(VENV)
 	$(BIN)/pip install -q --upgrade pip
 
-$(VENV)/.installed: $(BIN)/python setup.cfg pyproject.toml
+$(VENV)/.installed: $(BIN)/python setup.cfg pyproject.toml $(CONSTRAINTS)
 	$(BIN)/pip install -q $(TORCH_SPEC)
-	$(BIN)/pip install -q -e ".[dev]"
+	$(BIN)/pip install -q $(if $(CONSTRAINTS),-c $(CONSTRAINTS)) -e ".[dev]"
 	touch $@
 
 install: $(VENV)/.installed
@@ -52,6 +56,24 @@ demo: install
 
 test: install
 	$(BIN)/python -m pytest --durations=15 $(PYTEST_ARGS)
+
+# Refresh constraints.txt: a fresh venv from setup.cfg's ranges (the newest releases), the
+# whole suite, then its exact versions (torch, which TORCH_SPEC installs, segan itself and
+# CUDA wheels left out). Commit the new file once the suite passed; a failing suite keeps the old one.
+lock:
+	rm -rf $(LOCK_VENV)
+	$(PYTHON) -m venv $(LOCK_VENV)
+	$(LOCK_VENV)/bin/pip install -q --upgrade pip
+	$(LOCK_VENV)/bin/pip install -q $(TORCH_SPEC)
+	$(LOCK_VENV)/bin/pip install -q -e ".[dev]"
+	$(LOCK_VENV)/bin/python -m pytest -q $(PYTEST_ARGS)
+	{ echo "# Exact versions the test suite passed with, on Python $$($(LOCK_VENV)/bin/python -c 'import platform; print(platform.python_version())') (refresh: \`make lock\`);"; \
+	  echo "# $(TORCH_SPEC) installed first (not listed, nor segan itself or CUDA wheels)."; \
+	  echo "# \`make install|test|demo\` install with \`pip install -c constraints.txt\`; setup.cfg keeps the ranges."; \
+	  $(LOCK_VENV)/bin/pip freeze --exclude-editable --exclude torch | grep -v -i -E '^(nvidia-|triton|cuda)'; \
+	} > constraints.txt.tmp
+	mv constraints.txt.tmp constraints.txt
+	rm -rf $(LOCK_VENV)
 
 clean:
 	rm -rf $(VENV) outputs .pytest_cache

@@ -537,14 +537,17 @@ def _table(rows: list[dict]) -> str:
 
 
 def run_check(root: Path, as_json: bool, datalist: Path | None, seed: int, val_fraction: float,
-              folds: int | None) -> int:
+              folds: int | None, fold: int | None = None) -> int:
     """``segan prepare check``: print the case table (or JSON) and every problem;
-    write the data list if asked and the data set is clean. Returns 0, or 2 on problems."""
+    write the data list if asked and the data set is clean (with ``folds``, fold ``fold``,
+    default 0, validates). Returns 0, or 2 on problems."""
     from segan.io_utils import atomic_write_text
 
+    if fold is not None and folds is None:
+        raise UserError(f"--fold {fold} needs --folds K (the number of cross-validation folds)")
     info = load_dataset(root)
     rows, problems = check_dataset(info)
-    listing = make_datalist(info, seed, val_fraction, folds) if datalist and not problems else None
+    listing = make_datalist(info, seed, val_fraction, folds, fold or 0) if datalist and not problems else None
     labels = ", ".join(f"{k} {v}" for k, v in sorted(info.labels.items()))
     if as_json:
         report = {"root": str(info.root), "name": info.name, "layout": info.layout,

@@ -130,6 +130,8 @@ class Trainer:
         self.history: list[dict] = []
         # (monotonic deadline, budget seconds) of the running fit(); (None, None) = no budget
         self._budget: tuple[float | None, float | None] = (None, None)
+        # seconds spent in fit() by earlier sessions (resume), and when the running fit() began
+        self._seconds_before, self._fit_start = 0.0, None
         per_rank = max(cfg.data.samples_per_epoch // (cfg.train.batch_size * dist.world_size), 1)
         self.steps_per_epoch = cfg.train.steps_per_epoch or per_rank
 
@@ -173,7 +175,7 @@ class Trainer:
             "segmentor": self.segmentor.state_dict(),
             "opt_seg": self.opt_seg.state_dict(), "sched_seg": self.sched_seg.state_dict(),
             "epoch": self.epoch, "step": self.step, "best_metric": self.best_metric,
-            "rng": rng_state(), "history": self.history,
+            "rng": rng_state(), "history": self.history, "train_seconds": self.train_seconds(),
             "mlflow_run_id": getattr(self.tracker, "run_id", None),
         }
         if self.critic is not None:
@@ -197,6 +199,7 @@ class Trainer:
         self.epoch, self.step = int(ckpt["epoch"]), int(ckpt["step"])
         self.best_metric = float(ckpt["best_metric"])
         self.history = list(ckpt.get("history", []))
+        self._seconds_before = float(ckpt.get("train_seconds", 0.0))  # absent in older checkpoints
         set_rng_state(ckpt["rng"])
 
     def save(self, name: str) -> Path:
@@ -269,6 +272,7 @@ class Trainer:
             streams.append((self.unlabeled_set, sampler_u))
         reason = "epochs"
         self._budget = (deadline, budget_s)
+        self._seconds_before, self._fit_start = self.train_seconds(), time.monotonic()
         while self.epoch < cfg.train.epochs:
             for dataset, shard in streams:
                 dataset.set_epoch(self.epoch)
@@ -297,6 +301,11 @@ class Trainer:
                 reason = "time budget"
                 break
         return reason
+
+    def train_seconds(self) -> float:
+        """Wall-clock seconds spent in :meth:`fit` so far, over every session of this run."""
+        running = time.monotonic() - self._fit_start if self._fit_start is not None else 0.0
+        return self._seconds_before + running
 
     @property
     def unlabeled_batch_size(self) -> int:
@@ -468,6 +477,12 @@ def _log_run_inputs(tracker, trainer: Trainer, out: Path) -> None:
         tracker.log_artifact(out / name)
 
 
+def _log_stop(tracker, trainer: Trainer | None, reason: str) -> None:
+    """Record why and when training stopped (``segan compare`` shows it beside the metrics)."""
+    if trainer is not None:
+        tracker.log_stop(reason, trainer.epoch, trainer.step, trainer.train_seconds())
+
+
 def _progress(total: int, desc: str, enabled: bool):
     if not enabled:
         return None
@@ -520,6 +535,7 @@ def run_training(cfg: Config, out_dir: str | Path | None = None, resume: str | P
         budget_s = cfg.train.max_minutes * 60 if cfg.train.max_minutes else None
         deadline = time.monotonic() + budget_s if budget_s else None
         reason = trainer.fit(deadline, budget_s)
+        _log_stop(tracker, trainer, reason)
         result.message = f"stopped: {reason}"
         if dist.is_main:
             tracker.log_curves(trainer.history)
@@ -527,13 +543,16 @@ def run_training(cfg: Config, out_dir: str | Path | None = None, resume: str | P
             tracker.log_model(best if best.exists() else out / "last.pt", register=register)
         result.status = "FINISHED"
     except TrainingDiverged as exc:
+        _log_stop(tracker, trainer, "diverged")
         result.status, result.exit_code, result.message = "FAILED", exc.exit_code, f"error: {exc}"
     except KeyboardInterrupt:
         if trainer is not None:
             trainer.save("last.pt")
+        _log_stop(tracker, trainer, "killed")
         result.status, result.exit_code = "KILLED", 130
         result.message = f"interrupted: state saved to {out / 'last.pt'}; continue with --resume {out / 'last.pt'}"
     except BaseException:
+        _log_stop(tracker, trainer, "error")
         tracker.finish("FAILED")
         raise
     tracker.finish(result.status)

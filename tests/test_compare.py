@@ -1,7 +1,8 @@
 """``segan compare`` on a real SQLite store: best metric per run, mean ± std per group, formats, plot.
 
 The store holds two methods x two seeds, a FAILED run with the highest Dice, a run that
-never logged a metric, a sweep parent, and a second experiment.
+never logged a metric, a sweep parent, and a second experiment. A second store holds real
+trainings that stopped for every reason (epochs, time budget, diverged, killed).
 """
 
 from __future__ import annotations
@@ -9,7 +10,12 @@ from __future__ import annotations
 import csv
 import io
 import json
+import os
 import shutil
+import signal
+import subprocess
+import sys
+import time
 from pathlib import Path
 
 import pytest
@@ -218,3 +224,122 @@ def test_sweep_trains_children_under_one_parent_then_compares(tmp_path, db_templ
     split = children[0].data.params["data.datalist"]
     assert split.startswith(str(tmp_path / "outputs" / "sweep-test")) and split.endswith("datalist.json")
     assert (tmp_path / "outputs" / "sweep-test" / parent.info.run_name / "compare.png").is_file()
+
+
+# ------------------------------------------------------------------ what was actually trained
+TINY = ["train.steps_per_epoch=2", "train.batch_size=2", "train.val_max_cases=1", "train.progress=false",
+        "data.patch_size=[32, 32]", "model.channels=[4, 8]", "model.strides=[2]", "model.critic_channels=[4, 8]"]
+
+
+@pytest.fixture(scope="module")
+def trained(tmp_path_factory, db_template, phantoms_small) -> dict:
+    """Real trainings into one SQLite store: two SegAN runs (one finishes its 2 epochs, one stops
+    on the clock after 1 of 50), a supervised run that finishes, a BCE run that diverges, a
+    supervised run killed by SIGTERM (a real `segan train` process), and one older-style run
+    that recorded nothing about its training."""
+    from segan.config import load_config
+    from segan.training import run_training
+
+    root = tmp_path_factory.mktemp("trained")
+    shutil.copyfile(db_template, root / "mlflow.db")
+    uri = f"sqlite:///{root}/mlflow.db"
+    common = [f"data.root={phantoms_small}", f"preprocess.cache_dir={root / 'cache'}", "experiment=trained",
+              f"tracking.uri={uri}", *TINY]
+    plans = {"segan-done": ["method.name=segan", "train.epochs=2"],
+             "segan-clock": ["method.name=segan", "seed=1", "train.epochs=50", "train.max_minutes=0.0001"],
+             "supervised-done": ["method.name=supervised", "train.epochs=2"],
+             "bce-diverged": ["method.name=bce", "train.epochs=2", "optim.lr=1e30", "optim.critic_lr=1e30",
+                              "method.adv_warmup_epochs=0", "method.adv_ramp_epochs=0"]}
+    results = {}
+    for name, sets in plans.items():
+        cfg = load_config(SMOKE, [*common, *sets, f"run_name={name}"])
+        results[name] = run_training(cfg, out_dir=root / name)
+    assert [results[n].exit_code for n in plans] == [0, 0, 0, 3]
+
+    killed = subprocess.Popen([sys.executable, "-m", "segan", "train", "-c", str(SMOKE), "--out", str(root / "k"),
+                               *(a for s in [*common, "method.name=supervised", "train.epochs=50",
+                                             "run_name=supervised-killed"] for a in ("--set", s))],
+                              stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True,
+                              env={**os.environ, "PYTHONPATH": str(SMOKE.parents[1])})
+    deadline = time.monotonic() + 240
+    while not (root / "k" / "last.pt").exists() and killed.poll() is None and time.monotonic() < deadline:
+        time.sleep(0.05)
+    killed.send_signal(signal.SIGTERM)
+    out, err = killed.communicate(timeout=120)
+    assert killed.returncode == 130, err
+    _log_run(uri, "trained", "lsgan", 0, "FINISHED", [0.3])  # no stop reason, no epochs done
+    return {"uri": uri, "results": results}
+
+
+@pytest.mark.slow
+def test_json_and_csv_show_what_each_run_trained(trained):
+    runs = {r["run_name"]: r for r in json.loads(
+        tracking.run_compare(["trained"], "val_dice_mean", "method", "json", None, trained["uri"]))}
+    assert set(runs) == {"segan-done", "segan-clock", "supervised-done", "bce-diverged", "supervised-killed",
+                         "lsgan-seed0"}
+    got = {name: (r["status"], r["stop_reason"], r["epochs_done"], r["steps_done"]) for name, r in runs.items()}
+    assert got["segan-done"] == ("FINISHED", "epochs", 2, 4)
+    assert got["supervised-done"] == ("FINISHED", "epochs", 2, 4)
+    assert got["segan-clock"] == ("FINISHED", "time budget", 1, 2)  # 1 of 50 configured epochs
+    assert got["bce-diverged"][:3] == ("FAILED", "diverged", 0)  # the NaN shows at the first loss fetch
+    assert got["supervised-killed"][:2] == ("KILLED", "killed") and got["supervised-killed"][2] >= 1
+    assert got["supervised-killed"][3] >= 2 * got["supervised-killed"][2]
+    assert got["lsgan-seed0"] == ("FINISHED", None, None, None) and runs["lsgan-seed0"]["train_seconds"] is None
+    for name in ("segan-done", "segan-clock", "supervised-done", "bce-diverged", "supervised-killed"):
+        seconds = runs[name]["train_seconds"]
+        assert 0 < seconds < runs[name]["duration_s"], name  # fit() only, within the run's wall time
+        assert "epochs_done" not in runs[name]["metrics"] and "train_seconds" not in runs[name]["metrics"]
+    assert runs["segan-clock"]["params"]["train.epochs"] == "50"
+
+    rows = {r["run_name"]: r for r in csv.DictReader(io.StringIO(
+        tracking.run_compare(["trained"], "val_dice_mean", "method", "csv", None, trained["uri"])))}
+    assert (rows["segan-clock"]["stop_reason"], rows["segan-clock"]["epochs_done"],
+            rows["segan-clock"]["steps_done"]) == ("time budget", "1", "2")
+    assert float(rows["segan-clock"]["train_seconds"]) == pytest.approx(runs["segan-clock"]["train_seconds"], abs=0.1)
+    assert rows["lsgan-seed0"]["stop_reason"] == rows["lsgan-seed0"]["train_seconds"] == ""
+
+
+def _table(text: str, title: str) -> dict[str, dict[str, str]]:
+    """The markdown table after ``title``: first column -> {header: cell}."""
+    block = text[text.index(title):].split("\n\n")[1].splitlines()
+    header = [c.strip() for c in block[0].strip("|").split("|")]
+    return {cells[0]: dict(zip(header, cells)) for cells in
+            ([c.strip() for c in line.strip("|").split("|")] for line in block[2:])}
+
+
+@pytest.mark.slow
+def test_table_marks_runs_that_stopped_for_different_reasons(trained):
+    md = tracking.run_compare(["trained"], "val_dice_mean", "method", "markdown", None, trained["uri"])
+    runs = {r["run_name"]: r for r in _table(md, "Runs in trained").values()}
+    assert (runs["segan-clock"]["epochs"], runs["segan-clock"]["steps"], runs["segan-clock"]["stopped"]) == (
+        "1/50", "2", "time budget")
+    assert (runs["segan-done"]["epochs"], runs["segan-done"]["stopped"]) == ("2/2", "epochs")
+    assert runs["bce-diverged"]["stopped"] == "diverged" and runs["supervised-killed"]["stopped"] == "killed"
+    assert (runs["lsgan-seed0"]["epochs"], runs["lsgan-seed0"]["steps"], runs["lsgan-seed0"]["stopped"],
+            runs["lsgan-seed0"]["train time"]) == ("-/3", "-", "-", "-")  # recorded nothing: still listed
+    assert runs["segan-clock"]["train time"].endswith("s") and runs["segan-clock"]["train time"] != "-"
+
+    groups = _table(md, "Mean ± std per method")
+    assert groups["segan"]["runs"] == "2" and groups["segan"]["stopped"] == "mixed (epochs: 1, time budget: 1)"
+    assert groups["supervised"]["stopped"] == "epochs"  # the killed run is listed, not averaged
+    assert groups["lsgan"]["stopped"] == "-"
+    (note,) = [line for line in md.splitlines() if line.startswith("note:")]
+    assert note.startswith("note: runs stopped for different reasons (diverged: bce-diverged; epochs: ")
+    assert "time budget: segan-clock" in note and "killed: supervised-killed" in note
+    assert "they were not trained alike" in note
+
+    table = tracking.run_compare(["trained"], "val_dice_mean", "method", "table", None, trained["uri"])
+    assert note in table.splitlines()
+
+
+@pytest.mark.slow
+def test_runs_that_stopped_alike_carry_no_note(trained):
+    proc = run_cli("compare", "-e", "trained", "--group-by", "status", "--tracking-uri", trained["uri"])
+    assert proc.returncode == 0, proc.stderr
+    assert "note: runs stopped for different reasons" in proc.stdout  # the whole table still differs
+    from segan.tracking.compare import stop_reason_note, stopped_summary
+
+    rows = tracking.collect_runs(["trained"], "val_dice_mean", tracking_uri=trained["uri"])
+    alike = [r for r in rows if r.run_name in ("segan-done", "supervised-done")]
+    assert stop_reason_note(alike) == "" and stopped_summary(alike) == "epochs"
+    assert stopped_summary([r for r in rows if r.run_name == "lsgan-seed0"]) == "-"

@@ -7,7 +7,6 @@ import os
 import shutil
 import subprocess
 import sys
-import time
 from pathlib import Path
 
 import numpy as np
@@ -190,25 +189,6 @@ def test_stream_is_deterministic_across_builds_epochs_and_workers(dataset):
     assert len(single) == len(multi) == 8
     assert all(torch.equal(x, y) for x, y in zip(single, multi))
     assert torch.equal(single[0][: 8 * 4 * 32 * 32], torch.stack([x["image"] for x in a0[:8]]).flatten())
-
-
-def test_loader_throughput_is_measured(dataset):
-    """Prints samples/s on one thread (asserting a timer would make the suite flaky)."""
-    threads = torch.get_num_threads()
-    torch.set_num_threads(1)
-    try:
-        for dims, patch, n in ((2, (128, 128), 300), (3, (64, 64, 64), 20)):
-            ds = build_data(_cfg(dataset, dims=dims, patch=patch, augment=AugmentConfig(),
-                                 samples_per_epoch=n)).train_set
-            ds.set_epoch(0)
-            start = time.perf_counter()
-            for i in range(n):
-                ds[i]
-            rate = n / (time.perf_counter() - start)
-            print(f"\n{dims}D {'x'.join(map(str, patch))} x 4 channels, default augmentation: {rate:.0f} samples/s")
-            assert rate > 0
-    finally:
-        torch.set_num_threads(threads)
 
 
 def test_regions_from_labels_match_cached_label(dataset):

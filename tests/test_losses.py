@@ -1,5 +1,6 @@
-"""Loss functions against independently re-computed worked values (BCE-with-logits, cross-entropy,
-the GAN objectives, the PatchGAN receptive field)."""
+"""segan's losses against independently re-computed worked values: the BCE term of the
+segmentation loss, the GAN objectives, the gradient penalty, the multi-scale L1, the PatchGAN
+receptive field (test vectors from the pix2pix / SegAN maths, 4 decimals)."""
 
 import math
 
@@ -17,36 +18,45 @@ LOGITS_2X3 = torch.tensor([[0.7, -0.1, 0.2], [-1.587, -0.5907, 0.3]])
 CLASSES = torch.tensor([1, 2])
 
 
-def test_bce_with_logits_equals_bce_of_sigmoid():
-    assert F.binary_cross_entropy_with_logits(LOGITS_3X3, TARGET_3X3).item() == pytest.approx(0.8000, abs=1e-4)
-    assert F.binary_cross_entropy(torch.sigmoid(LOGITS_3X3), TARGET_3X3).item() == pytest.approx(0.8000, abs=1e-4)
+def _bce_term(logits: torch.Tensor, target: torch.Tensor) -> float:
+    """The BCE part of segan's Dice+BCE loss: ``dicebce`` minus ``dice`` on the same input."""
+    return (SegmentationLoss("dicebce")(logits, target) - SegmentationLoss("dice")(logits, target)).item()
 
 
-def test_bce_with_logits_pos_weight():
-    loss = F.binary_cross_entropy_with_logits(torch.full((10, 64), 1.5), torch.ones(10, 64), pos_weight=torch.ones(64))
-    assert loss.item() == pytest.approx(0.2014, abs=1e-4)
-    assert loss.item() == pytest.approx(-math.log(1 / (1 + math.exp(-1.5))), abs=1e-6)
+def test_segmentation_loss_bce_term_is_bce_with_logits():
+    # Worked example: BCE-with-logits (= BCE of the sigmoid) of these logits is 0.8000.
+    logits, target = LOGITS_3X3.view(1, 1, 3, 3), TARGET_3X3.view(1, 1, 3, 3)
+    assert _bce_term(logits, target) == pytest.approx(0.8000, abs=1e-4)
+    # soft Dice on the sigmoid: 1 - (2 sum(p y) + 1e-5) / (sum p + sum y + 1e-5) = 0.4204
+    assert SegmentationLoss("dice")(logits, target).item() == pytest.approx(0.4204, abs=1e-4)
+    assert SegmentationLoss("dicebce")(logits, target).item() == pytest.approx(0.4204 + 0.8000, abs=1e-4)
 
 
-def test_cross_entropy_vs_bce_on_one_hot():
-    assert F.cross_entropy(LOGITS_2X3, CLASSES).item() == pytest.approx(0.9833, abs=1e-4)
-    one_hot = F.one_hot(CLASSES, 3).float()
-    assert F.binary_cross_entropy(torch.softmax(LOGITS_2X3, 1), one_hot).item() == pytest.approx(0.5649, abs=1e-4)
-    assert F.binary_cross_entropy_with_logits(LOGITS_2X3, one_hot).item() == pytest.approx(0.6378, abs=1e-4)
+def test_segmentation_loss_treats_each_region_as_its_own_binary_problem():
+    # Regions are nested (whole ⊃ core ⊃ enhancing): one sigmoid per output channel, not a
+    # softmax over channels. On one-hot targets of classes [1, 2] the per-channel
+    # BCE-with-logits is 0.6378; a softmax cross-entropy would give 0.9833 (and BCE of the
+    # softmax 0.5649), which is why MONAI's DiceCELoss is not used.
+    logits = LOGITS_2X3.view(2, 3, 1)  # (N, K, spatial): two samples, three regions
+    one_hot = F.one_hot(CLASSES, 3).float().view(2, 3, 1)
+    bce = _bce_term(logits, one_hot)
+    assert bce == pytest.approx(0.6378, abs=1e-4)
+    assert abs(bce - 0.9833) > 0.3 and abs(bce - 0.5649) > 0.05
 
 
-def test_vanilla_generator_and_critic_targets():
+def test_vanilla_gan_generator_and_critic_worked_values():
     gan = GAN_OBJECTIVES["vanilla"]()
+    # Generator: fakes labelled real (non-saturating -log D(G(z))); logits all 1.5 -> -log sigmoid(1.5).
+    assert gan.generator(torch.full((10, 64), 1.5)).item() == pytest.approx(0.2014, abs=1e-4)
+    assert gan.generator(torch.full((10, 64), 1.5)).item() == pytest.approx(-math.log(1 / (1 + math.exp(-1.5))))
+    # Critic: (loss on reals labelled 1 + loss on fakes labelled 0) / 2. The fake half of the
+    # worked example (logits [1.2, -0.5] labelled 0) is 0.9687; reals at 1.5 cost 0.2014.
     fake = torch.tensor([1.2, -0.5])
-    # discriminator's fake half: both fake samples labelled 0
-    assert F.binary_cross_entropy_with_logits(fake, torch.zeros(2)).item() == pytest.approx(0.9687, abs=1e-4)
-    real = torch.tensor([2.0, 0.3])
-    expected = (F.binary_cross_entropy_with_logits(real, torch.ones(2)) + 0.9687) / 2
-    assert gan.critic(real, fake).item() == pytest.approx(expected.item(), abs=1e-4)
-    # targets expand to a patch map
-    patch = torch.randn(2, 1, 30, 30)
-    assert gan.generator(patch).item() == pytest.approx(
-        F.binary_cross_entropy_with_logits(patch, torch.ones_like(patch)).item(), abs=1e-6)
+    assert gan.critic(torch.full((2,), 1.5), fake).item() == pytest.approx((0.2014 + 0.9687) / 2, abs=1e-4)
+    # A patch map: the one label is expanded to every patch.
+    patch = torch.full((2, 1, 30, 30), 1.5)
+    assert gan.generator(patch).item() == pytest.approx(0.2014, abs=1e-4)
+    assert gan.critic(patch, -patch).item() == pytest.approx(0.2014, abs=1e-4)  # both halves right with margin 1.5
 
 
 def test_lsgan_wgan_hinge_values():

@@ -190,3 +190,35 @@ def test_foreach_clamp_is_exact():
         assert torch.equal(a, b)
         assert a.abs().max() <= cfg.method.clamp
     assert any((a.abs() == cfg.method.clamp).any() for a in clamped[0])  # the clamp did bite
+
+
+# ------------------------------------------------------------------ the README's family table
+README = CONFIGS.parent / "README.md"
+FAMILY_MARKERS = ("<!-- method families: generated from segan.methods.METHODS; tests/test_methods.py checks it -->",
+                  "<!-- end of method families -->")
+
+
+def _yaml_value(value) -> str:
+    return "null" if value is None else str(value).lower() if isinstance(value, bool) else str(value)
+
+
+def family_table() -> str:
+    """The README's "Method families" table, from every registered method's :class:`Family`."""
+    keys = list(dict.fromkeys(k for cls in METHODS.values() for k in cls.family.settings))
+    lines = ["| method | " + " | ".join(f"`{k}`" for k in keys) + " | an explicit value must be |",
+             "|---|" + "---|" * len(keys) + "---|"]
+    for name, cls in METHODS.items():
+        settings, allowed = cls.family.settings, cls.family.allowed
+        cells = [f"`{_yaml_value(settings[k])}`" if k in settings else "–" for k in keys]
+        rules = "; ".join(f"`{k}`: {', '.join(_yaml_value(v) for v in ok)}" for k, (ok, _) in allowed.items())
+        lines.append(f"| `{name}` | " + " | ".join(cells) + f" | {rules} |")
+    return "\n".join(lines)
+
+
+def test_readme_method_family_table_matches_the_families():
+    text = README.read_text()
+    start, end = (text.index(m) for m in FAMILY_MARKERS)
+    shown = text[start + len(FAMILY_MARKERS[0]):end].strip()
+    expected = family_table()
+    assert shown == expected, f"README's method families table is stale; replace it with:\n{expected}"
+    assert all(f"| `{name}` |" in shown for name in METHODS)

@@ -322,8 +322,26 @@ def test_cli_check_clean_json_datalist_and_errors(phantoms_small, tmp_path):
     report = json.loads(res.stdout)
     assert res.returncode == 0 and report["ok"] is True and len(report["cases"]) == 6
 
+    # --fold F writes fold F: its validation cases are that fold's, and every fold's differ.
+    vals = []
+    for fold in (0, 1):
+        path = tmp_path / f"fold{fold}.json"
+        res = run_cli("prepare", "check", phantoms_small, "--datalist", path, "--folds", 2, "--fold", fold)
+        assert res.returncode == 0, res.stderr
+        listed = json.loads(path.read_text())
+        assert listed["split"] == {"seed": 0, "val_fraction": 0.2, "folds": 2, "fold": fold}
+        names = sorted(c.name for c in load_dataset(phantoms_small).training)
+        assert sorted(e["case"] for e in listed["validation"]) == sorted(
+            split_cases(names, seed=0, val_fraction=0.2, folds=2, fold=fold)[1])
+        vals.append({e["case"] for e in listed["validation"]})
+    assert not vals[0] & vals[1] and len(vals[0] | vals[1]) == 4
+    assert {e["case"] for e in dl["validation"]} == vals[0]  # no --fold: fold 0
+
     for args, words in ((["prepare", "check", tmp_path / "nowhere"], "folder not found"),
-                        (["prepare", "check", phantoms_small, "--datalist", out, "--folds", 9], "--folds 9")):
+                        (["prepare", "check", phantoms_small, "--datalist", out, "--folds", 9], "--folds 9"),
+                        (["prepare", "check", phantoms_small, "--datalist", out, "--folds", 2, "--fold", 2],
+                         "fold 2: must be in 0..1"),
+                        (["prepare", "check", phantoms_small, "--fold", 1], "--fold 1 needs --folds")):
         res = run_cli(*args)
         assert res.returncode == 2 and "Traceback" not in res.stderr
         lines = res.stderr.strip().splitlines()

@@ -452,11 +452,59 @@ def test_store_gone_at_finish_spills_to_json_and_replays(tmp_path, caplog, new_s
     assert [a.path for a in client.list_artifacts(run_id, "overlays")] == ["overlays/epoch_002.png"]
 
 
-def test_overlay_png_draws_both_contours(tmp_path):
+def test_overlay_png_draws_each_contour_where_its_mask_is(tmp_path):
+    """The overlay's contours lie on the mask boundaries, in the region's colour, solid for the
+    truth and dashed for the prediction; inside the masks and far from them the image shows."""
+    from matplotlib import colormaps
     from skimage import io
 
+    n = 40
+    image = np.zeros((2, n, n), np.float32)  # a constant image is drawn black
+    target = np.zeros((2, n, n), np.uint8)
+    target[0, 4:16, 4:16] = 1  # first axis left -> right, second bottom -> top
+    target[1, 7:13, 7:13] = 1
+    pred = np.zeros_like(target)
+    pred[0, 4:16, 20:32] = 1  # the prediction of region 0 sits above its truth
     path = tmp_path / "overlay.png"
-    tracking.save_overlay_png(path, *slice_arrays(), REGIONS, title="epoch 1")
-    rgb = io.imread(path)[..., :3].astype(int)
-    coloured = (np.abs(rgb[..., 0] - rgb[..., 1]) > 60) | (np.abs(rgb[..., 1] - rgb[..., 2]) > 60)
-    assert coloured.sum() > 200  # contours are drawn in colour over a grey image
+    tracking.save_overlay_png(path, image, target, pred, REGIONS, title="epoch 1")
+    rgb = io.imread(path)[..., :3].astype(float)
+
+    black = (rgb < 10).all(-1)  # the image's extent: the rows and columns that are mostly black
+    cols, rows = black.sum(0), black.sum(1)
+    xs, ys = np.flatnonzero(cols > 0.5 * cols.max()), np.flatnonzero(rows > 0.5 * rows.max())
+    left, right, top, bottom = xs.min(), xs.max() + 1, ys.min(), ys.max() + 1
+    sx, sy = (right - left) / n, (bottom - top) / n
+    assert abs(sx - sy) < 0.5  # square pixels, the whole 40 x 40 slice shown
+
+    def pixel(i: float, j: float) -> tuple[int, int]:
+        """PNG (row, column) of array position (i, j), pixel centres at integers."""
+        return int(round(bottom - (j + 0.5) * sy)), int(round(left + (i + 0.5) * sx))
+
+    def colour_near(i: float, j: float, colour: np.ndarray, radius: int = 2) -> bool:
+        r, c = pixel(i, j)
+        window = rgb[r - radius: r + radius + 1, c - radius: c + radius + 1]
+        return bool((np.abs(window - colour).max(-1) < 40).any())
+
+    tab10 = [np.array(colormaps["tab10"](k)[:3]) * 255 for k in range(2)]
+    # A contour at level 0.5 runs half a pixel outside the mask: mask [a, b) -> a - 0.5, b - 0.5.
+    def edge(a: int, b: int) -> list[tuple[float, float]]:
+        mid = [a + 1 + t * (b - a - 3) / 7 for t in range(8)]  # clear of the corners
+        return ([(a - 0.5, m) for m in mid] + [(b - 0.5, m) for m in mid]
+                + [(m, a - 0.5) for m in mid] + [(m, b - 0.5) for m in mid])
+
+    for k, (a, b) in enumerate(((4, 16), (7, 13))):
+        assert all(colour_near(i, j, tab10[k]) for i, j in edge(a, b)), f"true contour of region {k}"
+
+    def drawn_fraction(i: float, j0: float, j1: float, colour: np.ndarray) -> float:
+        """Share of the PNG rows along the vertical line i, j0..j1 that carry ``colour`` (within 1 px)."""
+        (r1, c), (r0, _) = pixel(i, j1), pixel(i, j0)
+        strip = rgb[r1:r0 + 1, c - 1: c + 2]
+        return float((np.abs(strip - colour).max(-1) < 40).any(1).mean())
+
+    solid, dashed = drawn_fraction(3.5, 5, 14, tab10[0]), drawn_fraction(3.5, 21, 30, tab10[0])
+    assert solid > 0.95 and 0.3 < dashed < 0.85, (solid, dashed)  # the prediction's contour is dashed
+    assert all(colour_near(i, j + 16, tab10[0]) for i, j in edge(4, 16)[::3])  # where its mask is
+    # Nothing drawn inside the masks (between the two true contours, inside the core) or far away.
+    for i, j in [(10, 10), (5.5, 10), (10, 14.5), (30, 8), (30, 20), (10, 36), (25, 12)]:
+        r, c = pixel(i, j)
+        assert (rgb[r - 2: r + 3, c - 2: c + 3] < 10).all(), (i, j)

@@ -7,6 +7,8 @@ import sys
 import time
 from pathlib import Path
 
+import nibabel as nib
+import numpy as np
 import pytest
 import torch
 
@@ -142,13 +144,34 @@ def test_time_budget_validates_saves_and_ends_normally(phantoms, tmp_path):
     assert (tmp_path / "run" / "config.yaml").is_file()
 
 
+@pytest.mark.slow
 def test_nan_guard_exits_3_keeping_last_good_checkpoint(phantoms, tmp_path):
+    # Epoch 1 trains at the normal rate; the step schedule then multiplies it by 1e30, so
+    # epoch 2 diverges: the guard must keep epoch 1's checkpoint, intact and usable.
+    run = tmp_path / "run"
     proc = _train_cli(f"--set=data.root={phantoms}", f"--set=preprocess.cache_dir={tmp_path / 'cache'}",
-                      "--set=tracking.enabled=false", "--set=optim.lr=1e30", "--set=optim.critic_lr=1e30",
-                      "--set=method.adv_warmup_epochs=0", "--set=train.epochs=3", "--out", str(tmp_path / "run"))
+                      "--set=tracking.enabled=false", "--set=optim.schedule=step", "--set=optim.step_epochs=1",
+                      "--set=optim.gamma=1e30", "--set=train.epochs=3", "--set=train.threads=1", "--out", str(run))
     out, err = proc.communicate(timeout=300)
     assert proc.returncode == 3, (out, err)
-    assert "training diverged" in out + err and "Traceback" not in err
+    assert "training diverged at epoch 2" in out + err and "Traceback" not in err
+    last = torch.load(run / "last.pt", weights_only=True)
+    steps = 16 // 4  # smoke: samples_per_epoch / batch_size
+    assert (last["epoch"], last["step"], len(last["history"])) == (1, steps, 1)  # epoch 1's, not a NaN state
+    best = torch.load(run / "best.pt", weights_only=True)
+    for key in ("segmentor", "critic"):
+        for name, tensor in last[key].items():
+            assert torch.isfinite(tensor.float()).all(), f"{key}.{name}"
+            assert torch.equal(tensor, best[key][name]), f"{key}.{name} is not epoch 1's"
+    image = sorted((phantoms / "imagesTs").glob("*.nii.gz"))[0]
+    pred = subprocess.run([sys.executable, "-m", "segan", "predict", "-m", str(run / "last.pt"), "-i", str(image),
+                           "-o", str(tmp_path / "pred"), "--probabilities"], capture_output=True, text=True,
+                          timeout=300)
+    assert pred.returncode == 0, pred.stderr
+    stem = image.name.removesuffix(".nii.gz")
+    prob = np.asarray(nib.load(tmp_path / "pred" / f"{stem}_prob.nii.gz").dataobj)
+    assert prob.shape[:3] == nib.load(image).shape[:3] and np.isfinite(prob).all()
+    assert 0.0 <= prob.min() and prob.max() <= 1.0
 
 
 def test_missing_data_folder_is_a_user_error(tmp_path):
@@ -159,18 +182,37 @@ def test_missing_data_folder_is_a_user_error(tmp_path):
 
 @pytest.mark.parametrize("sig", [signal.SIGINT, signal.SIGTERM], ids=["ctrl-c", "sigterm"])
 def test_ctrl_c_saves_state_and_exits_cleanly(phantoms, tmp_path, sig):
-    proc = _train_cli(f"--set=data.root={phantoms}", f"--set=preprocess.cache_dir={tmp_path / 'cache'}",
-                      "--set=tracking.enabled=false", "--set=train.epochs=50", "--set=train.steps_per_epoch=4",
-                      "--out", str(tmp_path / "run"))
+    steps = 40  # short steps, long epochs: the signal lands inside epoch 2
+    common = [f"--set=data.root={phantoms}", f"--set=preprocess.cache_dir={tmp_path / 'cache'}",
+              "--set=tracking.enabled=false", f"--set=train.steps_per_epoch={steps}", "--set=train.batch_size=2",
+              "--set=data.patch_size=[32, 32]", "--set=train.val_every=100", "--set=train.threads=1"]
+    proc = _train_cli(*common, "--set=train.epochs=50", "--out", str(tmp_path / "run"))
     ckpt = tmp_path / "run" / "last.pt"
     deadline = time.monotonic() + 240
     while not ckpt.exists() and proc.poll() is None and time.monotonic() < deadline:
-        time.sleep(0.05)
+        time.sleep(0.02)
+    epoch_end = torch.load(ckpt, weights_only=True)  # epoch 1's checkpoint, before the signal
+    time.sleep(0.3)
     proc.send_signal(sig)
     out, err = proc.communicate(timeout=120)
     assert proc.returncode == 130, (out, err)
-    assert "Traceback" not in err and "--resume" in out + err
-    assert torch.load(ckpt, weights_only=True)["epoch"] >= 1
+    assert "Traceback" not in err and f"--resume {ckpt}" in out + err
+    saved = torch.load(ckpt, weights_only=True)
+    # The interrupt saved the state it stopped in, not the last epoch's: steps beyond the
+    # epoch boundary, other weights.
+    assert epoch_end["step"] == epoch_end["epoch"] * steps
+    assert saved["step"] > epoch_end["step"] and saved["step"] % steps != 0, (epoch_end["step"], saved["step"])
+    assert saved["epoch"] == saved["step"] // steps
+    assert any(not torch.equal(t, epoch_end["segmentor"][n]) for n, t in saved["segmentor"].items())
+    if sig != signal.SIGINT:
+        return
+    # Resume continues from the interrupt's state: one more (whole) epoch on top of its step count.
+    resumed = _train_cli(*common, f"--set=train.epochs={saved['epoch'] + 1}", "--resume", str(ckpt))
+    out, err = resumed.communicate(timeout=300)
+    assert resumed.returncode == 0, err
+    final = torch.load(ckpt, weights_only=True)
+    assert (final["epoch"], final["step"]) == (saved["epoch"] + 1, saved["step"] + steps)
+    assert final["train_seconds"] > saved["train_seconds"] > epoch_end["train_seconds"] > 0
 
 
 def test_time_budget_drives_warmup_and_schedule(phantoms, tmp_path):

@@ -61,6 +61,12 @@ def build_segmentor(cfg: ModelConfig, spatial_dims: int, in_channels: int, out_c
                         features=features, norm=(norm.lower(), {"affine": True}), dropout=cfg.dropout)
         divisor = 16
     else:  # dynunet (nnU-Net-style)
+        if len(cfg.strides) < 2 or len(cfg.channels) < len(cfg.strides) + 1:
+            from segan.errors import UserError
+
+            raise UserError("model.segmentor dynunet needs at least 2 'model.strides' and one 'model.channels' "
+                            f"entry more than strides (got {len(cfg.strides)} strides, {len(cfg.channels)} channel "
+                            "levels); e.g. --set model.channels=[16,32,64] --set model.strides=[2,2]")
         strides = [1] + list(cfg.strides)
         net = DynUNet(spatial_dims=spatial_dims, in_channels=in_channels, out_channels=out_channels,
                       kernel_size=[3] * len(strides), strides=strides, upsample_kernel_size=strides[1:],

@@ -2,6 +2,9 @@
 
 A Dice-like metric's best value is its maximum, a loss's or a distance's its minimum, any
 other metric's its last value. FAILED, KILLED and RUNNING runs are listed, not averaged.
+Every run also shows what it actually trained (epochs and steps done, why it stopped, the
+training wall time; "-" for runs logged before segan recorded them), and a comparison whose
+runs stopped for different reasons says so.
 """
 
 from __future__ import annotations
@@ -21,6 +24,7 @@ from mlflow.exceptions import MlflowException
 from mlflow.tracking import MlflowClient
 
 from segan.errors import UserError, did_you_mean
+from segan.tracking.meta import STOP_REASON_TAG, TRAINED_METRICS
 from segan.tracking.plots import save_compare_png
 from segan.tracking.store import open_store, short
 
@@ -67,12 +71,24 @@ class RunRow:
     params: dict[str, str]
     metrics: dict[str, float] = field(default_factory=dict)
     history: list[tuple[int, float]] = field(default_factory=list)
+    # What was actually trained (None: not recorded, e.g. a run from before segan recorded it)
+    stop_reason: str | None = None
+    epochs_done: int | None = None
+    steps_done: int | None = None
+    train_seconds: float | None = None
 
     def to_json(self) -> dict[str, Any]:
         return {"run_id": self.run_id, "run_name": self.run_name, "experiment": self.experiment,
                 "method": self.method, "group": self.group, "status": self.status,
                 "start_time": self.start_time, "duration_s": self.duration_s, "params": self.params,
-                "metrics": self.metrics}
+                "stop_reason": self.stop_reason, "epochs_done": self.epochs_done, "steps_done": self.steps_done,
+                "train_seconds": self.train_seconds, "metrics": self.metrics}
+
+    @property
+    def epochs(self) -> str:
+        """Epochs trained / configured, e.g. ``24/40``; ``-`` for what is not known."""
+        done = "-" if self.epochs_done is None else str(self.epochs_done)
+        return f"{done}/{self.params['train.epochs']}" if "train.epochs" in self.params else done
 
 
 def collect_runs(experiments: list[str], metric: str, group_by: str = "method", tracking_uri: str | None = None,
@@ -127,8 +143,13 @@ def _row(client: MlflowClient, experiment: str, run: Any, metric: str, group_by:
                  group=_group_value(run, group_by), start_time=info.start_time,
                  duration_s=((info.end_time or now_ms) - info.start_time) / 1000 if info.start_time else None,
                  params={k: data.params[k] for k in _KEY_PARAMS if k in data.params})
+    if info.status != "RUNNING":  # a resumed run still carries the reason its last session stopped
+        row.stop_reason = data.tags.get(STOP_REASON_TAG)
+    trained = [data.metrics.get(k) for k in TRAINED_METRICS]  # the latest values
+    row.epochs_done, row.steps_done = (None if v is None else int(v) for v in trained[:2])
+    row.train_seconds = trained[2]
     for key in sorted(data.metrics) if histories else ():
-        if key.startswith("system/"):
+        if key.startswith("system/") or key in TRAINED_METRICS:
             continue
         history = client.get_metric_history(info.run_id, key)
         best = _best(history, metric_goal(key))
@@ -231,10 +252,13 @@ def _csv(rows: list[RunRow]) -> str:
     buf = io.StringIO()
     writer = csv.writer(buf, lineterminator="\n")
     writer.writerow(["run_id", "run_name", "experiment", "method", "group", "status", "duration_s",
-                     *_KEY_PARAMS, *metric_keys])
+                     "stop_reason", "epochs_done", "steps_done", "train_seconds", *_KEY_PARAMS, *metric_keys])
     for r in rows:
+        blank = lambda v: "" if v is None else v  # noqa: E731
         writer.writerow([r.run_id, r.run_name, r.experiment, r.method, r.group, r.status,
-                         "" if r.duration_s is None else round(r.duration_s, 1),
+                         "" if r.duration_s is None else round(r.duration_s, 1), blank(r.stop_reason),
+                         blank(r.epochs_done), blank(r.steps_done),
+                         "" if r.train_seconds is None else round(r.train_seconds, 1),
                          *(r.params.get(p, "") for p in _KEY_PARAMS), *(r.metrics.get(k, "") for k in metric_keys)])
     return buf.getvalue().rstrip("\n")
 
@@ -243,21 +267,58 @@ def _report(rows: list[RunRow], metric: str, group_by: str, title: str, markdown
     """The runs table (``metric`` first, then the other validation metrics), then mean ± std per group."""
     shown = [metric] + sorted({k for r in rows for k in r.metrics if k.startswith("val_") and k != metric})
     extra_group = [] if group_by == "method" else [group_by]
-    header = ["run_id", "run_name", "method", *extra_group, "seed", "segmentor", "epochs", *shown,
-              "duration", "status"]
+    header = ["run_id", "run_name", "method", *extra_group, "seed", "segmentor", *shown, "epochs", "steps",
+              "stopped", "train time", "status"]
     body = [[r.run_id[:8], r.run_name, r.method, *([r.group] if extra_group else []), r.params.get("seed", "-"),
-             r.params.get("model.segmentor", "-"), r.params.get("train.epochs", "-"),
-             *(_fmt(r.metrics.get(k)) for k in shown), _fmt_duration(r.duration_s), r.status] for r in rows]
+             r.params.get("model.segmentor", "-"), *(_fmt(r.metrics.get(k)) for k in shown), r.epochs,
+             "-" if r.steps_done is None else str(r.steps_done), r.stop_reason or "-",
+             _fmt_duration(r.train_seconds), r.status] for r in rows]
     goal = {"max": "higher is better", "min": "lower is better", "last": "last value"}[metric_goal(metric)]
     parts = [f"{title}, best value per run, sorted by {metric} ({goal}):", "", _render_table(header, body, markdown)]
     stats = group_stats(rows, [k for k in shown if k.startswith(("val_dice", metric))] or [metric])
     if stats:
         keys = [k for k in stats[0] if k not in ("group", "runs")]
+        finished = [r for r in rows if r.status == "FINISHED"]
         g_body = [[s["group"], str(s["runs"]), *(("-" if s[k] is None else f"{s[k][0]:.4f} ± {s[k][1]:.4f}")
-                                                 for k in keys)] for s in stats]
+                                                 for k in keys),
+                   stopped_summary([r for r in finished if r.group == s["group"]])] for s in stats]
         parts += ["", f"Mean ± std per {group_by} over FINISHED runs (seeds):", "",
-                  _render_table([group_by, "runs", *keys], g_body, markdown)]
+                  _render_table([group_by, "runs", *keys, "stopped"], g_body, markdown)]
     others = sum(r.status != "FINISHED" for r in rows)
     if others:
         parts += ["", f"{others} run(s) not FINISHED are listed above but not averaged."]
+    note = stop_reason_note(rows)
+    if note:
+        parts += ["", note]
     return "\n".join(parts)
+
+
+def _by_reason(rows: list[RunRow]) -> dict[str, list[RunRow]]:
+    out: dict[str, list[RunRow]] = {}
+    for r in rows:
+        if r.stop_reason:
+            out.setdefault(r.stop_reason, []).append(r)
+    return out
+
+
+def stopped_summary(rows: list[RunRow]) -> str:
+    """Why a group's runs stopped: ``epochs``, or ``mixed (epochs: 2, time budget: 1)``; ``-`` if not recorded."""
+    counts = {reason: len(members) for reason, members in _by_reason(rows).items()}
+    if len(counts) < 2:
+        return next(iter(counts), "-")
+    return "mixed (" + ", ".join(f"{reason}: {n}" for reason, n in sorted(counts.items())) + ")"
+
+
+def stop_reason_note(rows: list[RunRow], names_per_reason: int = 4) -> str:
+    """A ``note:`` line when the compared runs stopped for different reasons, naming the runs; else ''."""
+    groups = _by_reason(rows)
+    if len(groups) < 2:
+        return ""
+
+    def names(members: list[RunRow]) -> str:
+        shown = ", ".join(r.run_name or r.run_id[:8] for r in members[:names_per_reason])
+        return shown + (f" and {len(members) - names_per_reason} more" if len(members) > names_per_reason else "")
+
+    listed = "; ".join(f"{reason}: {names(members)}" for reason, members in sorted(groups.items()))
+    return (f"note: runs stopped for different reasons ({listed}) — they were not trained alike; compare runs "
+            "that stopped alike (e.g. give every run the time to finish its epochs: train.max_minutes)")

@@ -1,4 +1,5 @@
-"""What identifies a run: its name, its params (config, package versions, git commit), metric keys."""
+"""What identifies a run: its name, its params (config, package versions, git commit), metric keys,
+and the record of what was actually trained (written by training, read by ``segan compare``)."""
 
 from __future__ import annotations
 
@@ -13,6 +14,13 @@ from typing import Any
 
 PACKAGES = ("torch", "monai", "mlflow", "numpy", "segan")
 MAX_PARAM_LEN = 6000  # MLflow's limit on a param value
+
+# What a training run actually did, set when it ends however it ends: the tag says why it
+# stopped, the metrics (logged at the last epoch) how far it got. A configured `train.epochs`
+# says nothing about a run that stopped on the clock, diverged or was killed.
+STOP_REASON_TAG = "segan.stop_reason"
+STOP_REASONS = ("epochs", "time budget", "diverged", "killed", "error")
+TRAINED_METRICS = ("epochs_done", "steps_done", "train_seconds")
 
 
 def package_versions() -> dict[str, str]:

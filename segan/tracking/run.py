@@ -17,7 +17,8 @@ from typing import Any
 import numpy as np
 from mlflow.entities import Metric
 
-from segan.tracking.meta import git_commit, metric_key, package_versions, param_value
+from segan.tracking.meta import (STOP_REASON_TAG, STOP_REASONS, TRAINED_METRICS, git_commit, metric_key,
+                                 package_versions, param_value)
 from segan.tracking.model import MODEL_CHECKPOINT
 from segan.tracking.outbox import RunOutbox
 from segan.tracking.plots import save_curves_png, save_overlay_png
@@ -92,6 +93,16 @@ class RunTracker(RunOutbox):
         now = int(time.time() * 1000)
         self._metrics += [Metric(metric_key(k), float(v), now, int(step)) for k, v in metrics.items() if v is not None]
         self._flush()
+
+    def log_stop(self, reason: str, epochs_done: int, steps_done: int, train_seconds: float) -> None:
+        """What was actually trained: tag ``segan.stop_reason`` (one of :data:`STOP_REASONS`) and
+        metrics ``epochs_done``, ``steps_done``, ``train_seconds`` at step ``epochs_done``.
+
+        Tags and metrics, not params: a resumed run updates them."""
+        if reason not in STOP_REASONS:
+            raise ValueError(f"stop reason {reason!r} is not one of {STOP_REASONS}")
+        self._queue("tags", {"tags": {STOP_REASON_TAG: reason}})
+        self.log_metrics(dict(zip(TRAINED_METRICS, (epochs_done, steps_done, train_seconds))), step=epochs_done)
 
     def log_artifact(self, path: Path, artifact_path: str | None = None) -> None:
         """Upload a file (sent when the store answers; a queued file is read at send time)."""
@@ -172,6 +183,7 @@ class NullTracker:
 
     def log_params(self, params: dict) -> None: ...
     def log_metrics(self, metrics: dict[str, float], step: int) -> None: ...
+    def log_stop(self, reason: str, epochs_done: int, steps_done: int, train_seconds: float) -> None: ...
     def log_artifact(self, path: Path, artifact_path: str | None = None) -> None: ...
     def log_overlay(self, image: np.ndarray, target: np.ndarray, pred: np.ndarray,
                     region_names: list[str], epoch: int, channel: int = 0) -> None: ...

@@ -28,7 +28,7 @@ from torch import nn
 from segan.checkpoint import load_checkpoint, make_meta, resolve_checkpoint_path, save_checkpoint
 from segan.config import Config, dump_yaml, to_dict
 from segan.errors import TrainingDiverged
-from segan.methods import METHODS, Step
+from segan.methods import METHODS, Step, fused_pass_is_exact
 from segan.optim import ProgressSchedule, build_optimizer
 from segan.runtime import (DistContext, amp_enabled, autocast, init_distributed, resolve_device, rng_state,
                            seed_everything, set_rng_state)
@@ -221,9 +221,13 @@ class Trainer:
         """
         zero = image.new_zeros(())
         logits_u = None
-        if image_u is not None:  # one pass over both batches; the labelled logits come first
+        if image_u is not None and fused_pass_is_exact(self.segmentor):
+            # One pass over both batches (the labelled logits come first), only where it
+            # equals two passes: batch norm would mix the two streams' statistics.
             both = self._segment(torch.cat([image, image_u]))
             logits, logits_u = both[:image.shape[0]], both[image.shape[0]:]
+        elif image_u is not None:
+            logits, logits_u = self._segment(image), self._segment(image_u)
         else:
             logits = self._segment(image)
         step = Step(image=image, target=target, logits=logits, prob=torch.sigmoid(logits.float()),

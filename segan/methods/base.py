@@ -87,7 +87,8 @@ class Step:
     method detaches what its critic must not push back into the segmentor. The
     unlabelled fields are set only when the data has an unlabelled stream and the
     method uses it (:attr:`Method.uses_unlabeled`): the loop then segments
-    ``[image; image_u]`` in one pass and splits the logits.
+    ``[image; image_u]`` in one pass and splits the logits where that equals two passes
+    (:func:`fused_pass_is_exact` of the segmentor), else in two passes.
     """
 
     image: torch.Tensor  # (N, C, *s)

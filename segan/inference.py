@@ -2,8 +2,9 @@
 
 Per case: load (``data_prep.io.load_image``) -> check channels and non-finite voxels ->
 replay the checkpoint's preprocessing (``data_prep.preprocess.Preprocessor``) -> whole-volume
-prediction (``segan.sliding.predict_volume``: 2D slice batches or 3D Gaussian sliding
-window, optional flip TTA) -> probabilities resampled back onto the scan's grid
+prediction (``segan.predictor.Predictor``, the one implementation also behind
+validation and the MLflow pyfunc: 2D slice batches or 3D Gaussian sliding window, optional
+flip TTA, bf16 AMP on CUDA) -> probabilities resampled back onto the scan's grid
 (bilinear, ``Preprocessor.invert``) -> threshold and post-processing per region
 (``segan.postprocess``) -> regions painted back to the data set's label ids
 (``segan.regions.regions_to_labels``) -> ``OUTDIR/<case>.nii.gz`` with the input's affine.
@@ -29,15 +30,15 @@ import os
 import sys
 import time
 from collections import defaultdict
-from dataclasses import dataclass, field
+from dataclasses import dataclass
 from pathlib import Path
 
 import numpy as np
 import torch
-from torch import nn
 
 from data_prep.io import CHANNEL_FILE, is_nifti, save_nifti, stem
 from segan.errors import UserError
+from segan.predictor import Predictor, resolve_model  # noqa: F401 - re-exported: segan.inference API
 
 CSV_NAME = "predictions.csv"
 CSV_COLUMNS = ("case", "inputs", "status", "message", "seconds", "output")
@@ -84,86 +85,6 @@ class CaseResult:
     def row(self) -> dict:
         return {"case": self.case, "inputs": self.inputs, "status": self.status, "message": self.message,
                 "seconds": f"{self.seconds:.2f}", "output": self.output}
-
-
-# ---------------------------------------------------------------- model
-def resolve_model(model: str, tracking_uri: str | None = None) -> Path:
-    """A checkpoint file, a training folder, or an MLflow ``runs:/`` / ``models:/`` URI -> local ``.pt``."""
-    from segan.checkpoint import resolve_checkpoint_path
-
-    if model.startswith(("runs:/", "models:/")):
-        try:
-            from segan.tracking import download_checkpoint
-        except ImportError:
-            raise UserError(f"{model}: MLflow model URIs need segan.tracking.download_checkpoint, which this "
-                            "install lacks; download the checkpoint and pass its path") from None
-        return resolve_checkpoint_path(download_checkpoint(model, tracking_uri))
-    return resolve_checkpoint_path(model)
-
-
-@dataclass
-class Predictor:
-    """A loaded segmentor plus everything needed to replay its preprocessing.
-
-    ``meta`` is the checkpoint's meta (see :func:`segan.checkpoint.make_meta`), ``post`` its
-    ``PostprocessConfig``; ``model`` maps ``(N, C, *spatial)`` to logits ``(N, K, *spatial)``.
-    """
-
-    model: nn.Module
-    meta: dict
-    post: object
-    device: torch.device
-    amp: bool = False
-    sw_batch: int = 4
-    overlap: float = 0.5
-    preprocessor: object = field(init=False)
-
-    def __post_init__(self) -> None:
-        from data_prep.preprocess import Preprocessor
-
-        self.preprocessor = Preprocessor(self.meta["preprocess"])
-        self.model.to(self.device).eval()
-
-    @classmethod
-    def from_checkpoint(cls, path: str | Path, device: torch.device, sw_batch: int | None = None,
-                        overlap: float | None = None) -> "Predictor":
-        from segan.checkpoint import load_checkpoint
-        from segan.config import from_dict
-        from segan.nets import build_segmentor
-        from segan.runtime import amp_enabled
-
-        ckpt = load_checkpoint(path)
-        try:
-            cfg = from_dict(ckpt["config"])
-            meta = ckpt["meta"]
-            model = build_segmentor(cfg.model, meta["spatial_dims"], len(meta["channels"]),
-                                    len(meta["region_labels"]))
-            model.load_state_dict(ckpt["segmentor"])
-        except (KeyError, RuntimeError) as exc:
-            raise UserError(f"{path}: checkpoint does not hold a usable segmentor ({type(exc).__name__}: "
-                            f"{str(exc).splitlines()[0] if str(exc) else ''}); pass a checkpoint written by "
-                            "`segan train`") from None
-        return cls(model=model, meta=meta, post=cfg.post, device=device,
-                   amp=amp_enabled(cfg.train.amp, cfg.train.amp_cpu, device),
-                   sw_batch=sw_batch or cfg.post.sw_batch_size,
-                   overlap=cfg.post.overlap if overlap is None else overlap)
-
-    def predict(self, image: np.ndarray, affine: np.ndarray, tta: bool = False) -> tuple[np.ndarray, np.ndarray]:
-        """``image`` ``(C, X, Y, Z)`` on its own grid (``affine``) -> (labels ``(X, Y, Z)`` uint8,
-        probabilities ``(K, X, Y, Z)`` float32), both on that same grid."""
-        from segan.postprocess import postprocess
-        from segan.regions import regions_to_labels
-        from segan.sliding import predict_volume
-
-        case = self.preprocessor(image, affine)
-        x = torch.from_numpy(np.ascontiguousarray(case.image)).to(self.device)
-        prob = predict_volume(self.model, x, int(self.meta["spatial_dims"]), list(self.meta["patch_size"]),
-                              sw_batch_size=self.sw_batch, overlap=self.overlap, tta=tta, amp=self.amp)
-        # Interpolate probabilities, not masks, then threshold: boundaries stay smooth on the scan's grid.
-        prob = self.preprocessor.invert(prob.cpu().numpy(), case, mode="bilinear")
-        prob = np.clip(prob, 0.0, 1.0)
-        labels = regions_to_labels(postprocess(prob, self.post), self.meta["region_labels"])
-        return labels, prob
 
 
 # ---------------------------------------------------------------- inputs

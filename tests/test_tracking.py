@@ -232,6 +232,54 @@ def test_pyfunc_round_trip_returns_masks(sqlite_run, monkeypatch):
         model.predict(x[0])  # no batch axis
 
 
+def make_checkpoint_3d(path: Path) -> None:
+    """A real segan checkpoint of a tiny 3D U-Net (2 channels in, 2 regions out, 16^3 patches)."""
+    cfg = tiny_config()
+    cfg.data.spatial_dims, cfg.data.patch_size = 3, [16, 16, 16]
+    torch.manual_seed(0)
+    net = build_segmentor(cfg.model, 3, len(CHANNELS), len(REGIONS)).eval()
+    meta = make_meta(channels=CHANNELS, region_names=REGIONS, region_labels=[[1, 2], [2]],
+                     label_names={0: "background", 1: "edema", 2: "tumour"}, spatial_dims=3,
+                     patch_size=[16, 16, 16], preprocess=to_dict(cfg.preprocess), dataset="phantoms")
+    save_checkpoint({"config": to_dict(cfg), "meta": meta, "segmentor": net.state_dict()}, path)
+
+
+def test_pyfunc_and_predictor_give_identical_masks_2d_and_3d(sqlite_run, new_store, tmp_path, monkeypatch):
+    """The logged pyfunc and segan's Predictor (the `segan predict` path) are one implementation:
+    same preprocessed input -> the same masks, in 2D and in 3D (Gaussian-blended windows)."""
+    import mlflow
+    from monai.inferers import sliding_window_inference
+
+    from segan.predictor import Predictor
+    from segan.tracking.model import download_checkpoint
+
+    cpu = torch.device("cpu")
+    rng = np.random.default_rng(2)
+    x2 = rng.normal(size=(3, len(CHANNELS), 40, 36)).astype(np.float32)
+    monkeypatch.setenv("MLFLOW_TRACKING_URI", sqlite_run["uri"])
+    ckpt2 = download_checkpoint(f"runs:/{sqlite_run['run_id']}/model", sqlite_run["uri"], tmp_path / "2d")
+    masks2 = mlflow.pyfunc.load_model(f"runs:/{sqlite_run['run_id']}/model").predict(x2)
+    assert np.array_equal(masks2, Predictor.from_checkpoint(ckpt2, cpu).masks(x2))
+
+    uri = new_store(tmp_path / "store3d")
+    make_checkpoint_3d(tmp_path / "best3d.pt")
+    tr = start(uri, name="segan-3d")
+    tr.log_model(tmp_path / "best3d.pt")
+    tr.finish("FINISHED")
+    monkeypatch.setenv("MLFLOW_TRACKING_URI", uri)
+    x3 = rng.normal(size=(2, len(CHANNELS), 28, 20, 24)).astype(np.float32)  # larger than a patch: windows overlap
+    masks3 = mlflow.pyfunc.load_model(f"runs:/{tr.run_id}/model").predict(x3)
+    predictor = Predictor.from_checkpoint(tmp_path / "best3d.pt", cpu)
+    expected = predictor.masks(x3)
+    assert masks3.shape == (2, len(REGIONS), 28, 20, 24) and masks3.dtype == np.uint8
+    assert np.array_equal(masks3, expected) and 0 < expected.sum() < expected.size
+    # The pyfunc's former forward (constant-weight windows) gives other masks on this input,
+    # so the equality above pins the shared Gaussian path.
+    with torch.no_grad():
+        constant = sliding_window_inference(torch.from_numpy(x3), [16, 16, 16], 4, predictor.model, overlap=0.5)
+    assert not np.array_equal((torch.sigmoid(constant) > 0.5).numpy().astype(np.uint8), expected)
+
+
 def test_download_checkpoint_gives_slim_loadable_file(sqlite_run, tmp_path):
     from segan.checkpoint import load_checkpoint
 

@@ -35,56 +35,25 @@ class SegmentorModel(mlflow.pyfunc.PythonModel):
     channels are the checkpoint's ``meta.channels`` in order, already normalised the way the
     config's ``preprocess`` says. Each output channel is one region (``meta.region_names``):
     sigmoid > ``post.threshold`` (0.5). Inputs of any size: 2D slices go through whole (the
-    segmentor pads to its stride), 3D volumes in sliding windows of the training patch size.
-    Needs segan installed where the model is loaded (GPU used when there is one).
+    segmentor pads to its stride), 3D volumes in Gaussian-blended sliding windows of the
+    training patch size, bf16 AMP on CUDA when the config's ``train.amp`` says so: exactly
+    :meth:`segan.predictor.Predictor.masks`, the path ``segan predict`` takes. Needs segan
+    installed where the model is loaded (GPU used when there is one).
     """
 
     def load_context(self, context: Any) -> None:
-        import dataclasses
-
         import torch
 
-        from segan.checkpoint import load_checkpoint
-        from segan.config import ModelConfig
-        from segan.nets import build_segmentor
+        from segan.predictor import Predictor
 
-        ckpt = load_checkpoint(context.artifacts["checkpoint"])
-        meta, cfg = ckpt["meta"], ckpt["config"]
-        names = {f.name for f in dataclasses.fields(ModelConfig)}
-        model_cfg = ModelConfig(**{k: v for k, v in cfg["model"].items() if k in names})
-        self.spatial_dims = int(meta["spatial_dims"])
-        self.patch_size = [int(p) for p in meta["patch_size"]]
-        post = cfg.get("post") or {}
-        self.threshold = float(post.get("threshold", 0.5))
-        self.overlap = float(post.get("overlap", 0.5))
-        self.sw_batch_size = int(post.get("sw_batch_size", 4))
-        self.device = torch.device("cuda" if torch.cuda.is_available() else "cpu")
-        self.out_channels = len(meta["region_names"])
-        net = build_segmentor(model_cfg, self.spatial_dims, len(meta["channels"]), len(meta["region_names"]))
-        net.load_state_dict(ckpt["segmentor"])
-        self.net = net.to(self.device).eval()
+        # The same loader and forward path as `segan predict` (segan.predictor.Predictor).
+        device = torch.device("cuda" if torch.cuda.is_available() else "cpu")
+        self.predictor = Predictor.from_checkpoint(context.artifacts["checkpoint"], device)
 
     # np.ndarray is a hint MLflow accepts without deriving a signature from it, so the tensor
     # signature logged with the model stays the one that is enforced.
     def predict(self, context: Any, model_input: np.ndarray, params: dict | None = None) -> np.ndarray:
-        import torch
-        from monai.inferers import sliding_window_inference
-
-        x = np.asarray(model_input, dtype=np.float32)
-        if x.ndim != self.spatial_dims + 2:
-            raise ValueError(f"expected a float32 array (N, C, {'H, W' if self.spatial_dims == 2 else 'X, Y, Z'}), "
-                             f"got shape {x.shape}")
-        batch = torch.from_numpy(x)
-        with torch.inference_mode():
-            if self.spatial_dims == 2:  # whole slices (the segmentor pads to its stride), a few at a time
-                logits = torch.cat([self.net(b.to(self.device)).cpu()
-                                    for b in batch.split(max(1, self.sw_batch_size * 4))]) if len(batch) else \
-                    torch.zeros((0, self.out_channels, *x.shape[2:]))
-            else:  # volumes: sliding windows of the training patch size
-                logits = sliding_window_inference(batch.to(self.device), roi_size=self.patch_size,
-                                                  sw_batch_size=self.sw_batch_size, predictor=self.net,
-                                                  overlap=self.overlap).cpu()
-            return (torch.sigmoid(logits) > self.threshold).to(torch.uint8).numpy()
+        return self.predictor.masks(np.asarray(model_input, dtype=np.float32))
 
 
 def model_signature(meta: dict) -> Any:

@@ -168,16 +168,16 @@ def rule_budget(minutes: Optional[float], step_s: float, n_cases: int, val_pass_
     per_epoch = max(10, min(250, steps // 40))
     epochs = max(1, steps // per_epoch)
     n_val = max(1, int(round(n_cases * VAL_FRACTION)))
-    passes = max(1, int(budget * VAL_SHARE / max(val_pass_s, 1e-6)))
-    val_every = max(1, int(math.ceil(epochs / passes)))
+    passes = budget * VAL_SHARE / max(val_pass_s, 1e-6)   # validation passes the budget allows
+    val_every = max(1, int(math.ceil(epochs / max(1.0, math.floor(passes)))))
     values: dict[str, Any] = {"train.max_minutes": float(minutes), "train.epochs": epochs,
                               "train.steps_per_epoch": per_epoch, "train.val_every": val_every}
     why = (f"{minutes:g} min at ~{step_s:.3g} s/step: {epochs} epochs x {per_epoch} steps; a validation pass "
            f"~{val_pass_s:.3g} s on {n_val} case(s): every {val_every} epoch(s) keeps it under {VAL_SHARE:.0%}")
-    if val_every > epochs:   # even one pass at the end is too long: validate fewer cases
-        keep = max(1, int(n_val * budget * VAL_SHARE / val_pass_s))
+    if passes < 1:   # even one pass is too long: validate fewer cases, once at the end
+        keep = max(1, int(n_val * passes))
         values.update({"train.val_every": epochs, "train.val_max_cases": keep})
-        why += f"; one pass is too long, so {keep} validation case(s)"
+        why += f"; one pass is too long, so {keep} validation case(s) every {epochs} epochs"
     return Decision("budget", values, why)
 
 

@@ -10,7 +10,9 @@ Pipeline (MONAI transforms on ``MetaTensor`` s that carry the affine):
 4. ``SpatialCrop`` to the mask's bounding box plus ``margin`` voxels (optional).
 5. Per-channel intensity normalisation with statistics over the mask only:
    ``zscore`` (``NormalizeIntensity``), ``percentile`` (clip to the ``percentiles`` then
-   scale to [0, 1], ``ScaleIntensityRange``) or ``none``.
+   scale to [0, 1], ``ScaleIntensityRange``), ``ct`` (data-set statistics: clip to the
+   training set's foreground ``[low, high]``, then ``(x - mean) / std``, as nnU-Net does
+   for CT; the numbers are in ``ct_stats``) or ``none``.
 
 Inversion (:meth:`Preprocessor.invert`) is one resampling from the preprocessed grid
 (its affine includes the crop offset) onto the original grid (original affine and
@@ -58,7 +60,7 @@ if TYPE_CHECKING:
 
 SPEC_VERSION = 1
 LOCATIONS_PER_LABEL = 2000
-NORMALIZE_CHOICES = ("zscore", "percentile", "none")
+NORMALIZE_CHOICES = ("zscore", "percentile", "ct", "none")
 # nibabel/MONAI world axes: (low end, high end) letters.
 _AXIS_LABELS = (("L", "R"), ("P", "A"), ("I", "S"))
 
@@ -69,7 +71,7 @@ def spec_from_config(cfg: PreprocessConfig) -> dict:
     ``segan.data`` may add ``"channels": [indices]`` when ``data.channels`` picks a subset
     of the data set's channels; the :class:`Preprocessor` then selects them first.
     """
-    return {
+    spec = {
         "version": SPEC_VERSION,
         "orientation": str(cfg.orientation).upper(),
         "spacing": [float(s) for s in cfg.spacing] if cfg.spacing is not None else None,
@@ -78,6 +80,9 @@ def spec_from_config(cfg: PreprocessConfig) -> dict:
         "crop_foreground": bool(cfg.crop_foreground),
         "margin": int(cfg.margin),
     }
+    if cfg.normalize == "ct":  # only then: other specs (and their cache keys) stay as they were
+        spec["ct_stats"] = [[float(v) for v in row] for row in (cfg.ct_stats or [])]
+    return spec
 
 
 def spec_hash(spec: dict) -> str:
@@ -103,6 +108,12 @@ def _validate_spec(spec: dict) -> dict:
     normalize = spec.get("normalize", "zscore")
     if normalize not in NORMALIZE_CHOICES:
         raise UserError(f"preprocess.normalize is {normalize!r}; allowed values: {', '.join(NORMALIZE_CHOICES)}")
+    if normalize == "ct":
+        stats = spec.get("ct_stats") or []
+        if not stats or any(len(row) != 4 or float(row[1]) <= float(row[0]) or float(row[3]) <= 0 for row in stats):
+            raise UserError(f"preprocess.ct_stats {stats!r} needs one [low, high, mean, std] per channel "
+                            "(low < high, std > 0) for preprocess.normalize: ct; `segan plan` writes them")
+        spec["ct_stats"] = [[float(v) for v in row] for row in stats]
     lo, hi = (float(p) for p in spec.get("percentiles", [0.5, 99.5]))
     if not 0.0 <= lo < hi <= 100.0:
         raise UserError(f"preprocess.percentiles [{lo}, {hi}] must satisfy 0 <= low < high <= 100")
@@ -225,6 +236,14 @@ class Preprocessor:
         out = np.empty_like(image)
         for c, channel in enumerate(image):
             values = channel[mask]
+            if method == "ct":
+                index = self.spec["channels"][c] if "channels" in self.spec else c
+                if index >= len(self.spec["ct_stats"]):
+                    raise UserError(f"preprocess.ct_stats has {len(self.spec['ct_stats'])} row(s) but the scan "
+                                    f"has channel {index}; give one [low, high, mean, std] per channel")
+                low, high, mean, std = self.spec["ct_stats"][index]
+                out[c] = (np.clip(channel, low, high) - mean) / std
+                continue
             if method == "zscore":
                 std = float(values.std())
                 norm = NormalizeIntensity(subtrahend=float(values.mean()), divisor=std if std > 1e-8 else 1.0)

@@ -105,6 +105,28 @@ def prepare_fingerprint(source: str, as_json: bool, refresh: bool) -> None:
 
 # ---------------------------------------------------------------- train
 @cli.command()
+@click.argument("data", type=click.Path())
+@click.option("-o", "--out", "out", required=True, type=click.Path(dir_okay=False), help="CONFIG.yaml to write.")
+@click.option("--method", default="segan", show_default=True, help="Method family (segan describe lists them).")
+@click.option("--dims", type=Choice(["2", "3", "auto"]), default="auto", show_default=True)
+@click.option("--device", type=Choice(["cpu", "cuda"]), default="cpu", show_default=True)
+@click.option("--memory-gb", type=click.FloatRange(0.1, None), default=None,
+              help="Memory budget for a training step (default: 4 on CPU, 8 on CUDA).")
+@click.option("--minutes", type=click.FloatRange(0.1, None), default=None, help="Wall-clock budget of the run.")
+@click.option("--trial/--no-trial", default=True, show_default=True,
+              help="Measure one forward/backward of the planned segmentor (else estimate the step time).")
+def plan(data: str, out: str, method: str, dims: str, device: str, memory_gb: float | None,
+         minutes: float | None, trial: bool) -> None:
+    """Plan a training config from the fingerprint of DATA (folder or data list); README: Planning."""
+    from segan.plan import format_plan, run_plan
+
+    result = run_plan(data, out, method=method, dims=dims, device=device, memory_gb=memory_gb,
+                      minutes=minutes, trial=trial)
+    click.echo(format_plan(result))
+    click.echo(f"wrote {out}; train with: segan train -c {out}")
+
+
+@cli.command()
 @click.option("-c", "--config", "config", type=click.Path(), required=True, help="YAML config.")
 @click.option("--set", "overrides", multiple=True, metavar="KEY=VALUE", help=_SET_HELP)
 @click.option("--out", type=click.Path(file_okay=False), help="Output folder [outputs/<experiment>/<run>].")

@@ -28,8 +28,11 @@ class PreprocessConfig:
 
     orientation: str = "RAS"
     spacing: Optional[list[float]] = field(default_factory=lambda: [1.0, 1.0, 1.0])
-    normalize: str = "zscore"  # zscore (over the foreground) | percentile | none
+    normalize: str = "zscore"  # zscore (over the foreground) | percentile | ct | none
     percentiles: list[float] = field(default_factory=lambda: [0.5, 99.5])
+    # normalize: ct -- per channel [low, high, mean, std] of the training set's foreground
+    # (`segan plan` writes them): clip to [low, high], then (x - mean) / std
+    ct_stats: Optional[list[list[float]]] = None
     crop_foreground: bool = True
     margin: int = 4
     cache_dir: Optional[str] = None  # default: $SEGAN_CACHE or ~/.cache/segan
@@ -166,7 +169,7 @@ class Config:
 
 # Values restricted to a set; checked after loading so the message lists them.
 CHOICES: dict[str, tuple[str, ...]] = {
-    "preprocess.normalize": ("zscore", "percentile", "none"),
+    "preprocess.normalize": ("zscore", "percentile", "ct", "none"),
     "model.segmentor": ("unet", "basicunet", "dynunet"),
     "model.norm": ("batch", "instance"),
     "model.critic": ("segan", "patchgan", "attention", "none"),

@@ -62,6 +62,8 @@ class DataConfig:
     samples_per_epoch: int = 512
     num_workers: int = 0
     unlabeled_batch_size: Optional[int] = None  # unlabelled items per step (default: train.batch_size)
+    unlabeled: Optional[str] = None  # folder or glob of image-only scans (their labels, if any, are never read)
+    labeled_cases: Optional[int] = None  # keep N labelled training cases; the others join the unlabelled stream
     augment: AugmentConfig = field(default_factory=AugmentConfig)
 
 

@@ -97,3 +97,19 @@ def test_broken_unlabelled_scan_exits_2_naming_it(phantoms, tmp_path):
     listed = run_cli("prepare", "check", phantoms, "--unlabeled", ok)
     assert listed.returncode == 0, listed.stdout + listed.stderr
     assert "unlabeled" in listed.stdout and "2 unlabelled" in listed.stdout
+
+
+@pytest.mark.parametrize("dims", [2, 3])
+def test_meanteacher_trains_with_unlabelled_stream(phantoms, tmp_path, dims):
+    patch = "[32, 32]" if dims == 2 else "[16, 16, 16]"
+    cfg = _cfg(phantoms, tmp_path, "method.name=meanteacher", "data.labeled_cases=1", f"data.spatial_dims={dims}",
+               f"data.patch_size={patch}", "method.consistency_rampup_epochs=0")
+    trainer = Trainer(cfg, tmp_path / "run", DistContext())
+    teacher = [p.clone() for p in trainer.method.teacher.parameters()]
+    assert trainer.fit(None) == "epochs"
+    record = trainer.history[-1]
+    assert np.isfinite(record["loss_seg"]) and np.isfinite(record["loss_cons"]) and record["loss_cons"] > 0
+    assert any(not torch.equal(a, b) for a, b in zip(teacher, trainer.method.teacher.parameters()))
+    saved = torch.load(tmp_path / "run" / "last.pt", weights_only=True)
+    teacher_saved = saved["method"]["teacher"]  # the method's state_dict hook puts the teacher in checkpoints
+    assert all(torch.equal(teacher_saved[k].cpu(), v.cpu()) for k, v in trainer.method.teacher.state_dict().items())

@@ -113,3 +113,14 @@ def test_meanteacher_trains_with_unlabelled_stream(phantoms, tmp_path, dims):
     saved = torch.load(tmp_path / "run" / "last.pt", weights_only=True)
     teacher_saved = saved["method"]["teacher"]  # the method's state_dict hook puts the teacher in checkpoints
     assert all(torch.equal(teacher_saved[k].cpu(), v.cpu()) for k, v in trainer.method.teacher.state_dict().items())
+
+
+@pytest.mark.parametrize("method", ["bce", "wgangp"])
+def test_patchgan_uses_unlabelled_fakes(phantoms, tmp_path, method):
+    cfg = _cfg(phantoms, tmp_path, f"method.name={method}", "data.labeled_cases=1", "method.adv_warmup_epochs=0",
+               "method.adv_ramp_epochs=0")
+    trainer = Trainer(cfg, tmp_path / "run", DistContext())
+    assert trainer.unlabeled_set is not None
+    assert trainer.fit(None) == "epochs"
+    record = trainer.history[-1]
+    assert all(np.isfinite(record[k]) for k in ("loss_seg", "loss_adv", "loss_critic")) and record["loss_adv"] != 0

@@ -32,8 +32,8 @@ from typing import TYPE_CHECKING
 
 import numpy as np
 
-from data_prep.io import (CHANNEL_FILE, NIFTI_SUFFIXES, ScanError, load_image, load_label, nifti_files, read_header,
-                          stem)
+from data_prep.io import (CHANNEL_FILE, NIFTI_SUFFIXES, ScanError, is_nifti, load_image, load_label, nifti_files,
+                          read_header, stem)
 from segan.errors import UserError
 
 if TYPE_CHECKING:
@@ -69,6 +69,7 @@ class DatasetInfo:
     training: list[Case]
     test: list[Case]
     problems: list[str] = field(default_factory=list)   # found while reading the layout
+    unlabeled: list[Case] = field(default_factory=list)  # image-only scans (``data.unlabeled``); labels never read
 
 
 # --------------------------------------------------------------------- label cache
@@ -360,6 +361,28 @@ def load_dataset(root: Path) -> DatasetInfo:
 
 
 # --------------------------------------------------------------------------- check
+def unlabeled_cases(source: str | Path) -> list[Case]:
+    """Image-only cases of a folder or a glob of NIfTI scans (``data.unlabeled``), grouped by case
+    like ``imagesTr/`` (``case_0000``... channel files or one 3D/4D file). Their ``label`` is None:
+    a label file lying beside a scan is never looked at. Raises :class:`UserError` when nothing matches."""
+    import glob
+
+    text = str(source)
+    if Path(text).expanduser().is_dir():
+        files = nifti_files(Path(text).expanduser())
+    else:
+        files = sorted(Path(p) for p in glob.glob(os.path.expanduser(text))
+                       if Path(p).is_file() and is_nifti(p) and not Path(p).name.startswith("."))
+    problems: list[str] = []
+    groups = _group_channels(files, problems)
+    if problems:
+        raise UserError(problems[0])
+    if not groups:
+        raise UserError(f"data.unlabeled {text}: no NIfTI scans found; give a folder of scans or a glob "
+                        "such as 'scans/*.nii.gz'")
+    return [Case(name, paths, None) for name, paths in groups.items()]
+
+
 def _check_case(info: DatasetInfo, case: Case, split: str) -> tuple[dict, list[str]]:
     """Read a case's files once; return its table row and its problems."""
     problems: list[str] = []
@@ -432,7 +455,7 @@ def check_dataset(info: DatasetInfo, record: CheckRecord | None = None) -> tuple
     if not info.training:
         problems.append(f"{info.root}: no training cases found; put images in imagesTr/ and labels in labelsTr/")
     firsts: dict[str, str] = {}
-    for split, cases in (("training", info.training), ("test", info.test)):
+    for split, cases in (("training", info.training), ("test", info.test), ("unlabeled", info.unlabeled)):
         for case in cases:
             known = record.get(case, info.labels) if record is not None else None
             if known is not None:
@@ -537,15 +560,18 @@ def _table(rows: list[dict]) -> str:
 
 
 def run_check(root: Path, as_json: bool, datalist: Path | None, seed: int, val_fraction: float,
-              folds: int | None, fold: int | None = None) -> int:
+              folds: int | None, fold: int | None = None, unlabeled: str | None = None) -> int:
     """``segan prepare check``: print the case table (or JSON) and every problem;
     write the data list if asked and the data set is clean (with ``folds``, fold ``fold``,
-    default 0, validates). Returns 0, or 2 on problems."""
+    default 0, validates). ``unlabeled``: a folder or glob of image-only scans, checked and
+    listed too (split ``unlabeled``). Returns 0, or 2 on problems."""
     from segan.io_utils import atomic_write_text
 
     if fold is not None and folds is None:
         raise UserError(f"--fold {fold} needs --folds K (the number of cross-validation folds)")
     info = load_dataset(root)
+    if unlabeled:
+        info.unlabeled = unlabeled_cases(unlabeled)
     rows, problems = check_dataset(info)
     listing = make_datalist(info, seed, val_fraction, folds, fold or 0) if datalist and not problems else None
     labels = ", ".join(f"{k} {v}" for k, v in sorted(info.labels.items()))
@@ -555,7 +581,8 @@ def run_check(root: Path, as_json: bool, datalist: Path | None, seed: int, val_f
                   "regions": info.regions, "cases": rows, "problems": problems, "ok": not problems}
         print(json.dumps(report, indent=2))
     else:
-        print(f"{info.root}: layout {info.layout}, {len(info.training)} training + {len(info.test)} test cases; "
+        extra = f" + {len(info.unlabeled)} unlabelled" if info.unlabeled else ""
+        print(f"{info.root}: layout {info.layout}, {len(info.training)} training + {len(info.test)} test{extra} cases; "
               f"channels {', '.join(info.channel_names)}; labels {labels}")
         if rows:
             print(_table(rows))

@@ -79,13 +79,14 @@ def prepare_phantoms(out: str, cases: int, size: int, seed: int, test_fraction: 
 @click.option("--folds", type=click.IntRange(2, None), default=None, help="k-fold cross-validation splits.")
 @click.option("--fold", type=click.IntRange(0, None), default=None,
               help="With --folds: the fold that validates (0..K-1)  [default: 0]")
+@click.option("--unlabeled", default=None, help="Also check a folder or glob of unlabelled scans (data.unlabeled).")
 def prepare_check(root: str, as_json: bool, datalist: str | None, seed: int, val_fraction: float,
-                  folds: int | None, fold: int | None) -> None:
+                  folds: int | None, fold: int | None, unlabeled: str | None) -> None:
     """Validate every case of an MSD or BraTS folder; exit 2 listing all problems."""
     from data_prep.msd import run_check
 
     code = run_check(Path(root), as_json=as_json, datalist=Path(datalist) if datalist else None,
-                     seed=seed, val_fraction=val_fraction, folds=folds, fold=fold)
+                     seed=seed, val_fraction=val_fraction, folds=folds, fold=fold, unlabeled=unlabeled)
     sys.exit(code)
 
 

@@ -65,6 +65,8 @@ class DataConfig:
     samples_per_epoch: int = 512
     num_workers: int = 0
     unlabeled_batch_size: Optional[int] = None  # unlabelled items per step (default: train.batch_size)
+    unlabeled: Optional[str] = None  # folder or glob of image-only scans (their labels, if any, are never read)
+    labeled_cases: Optional[int] = None  # keep N labelled training cases; the others join the unlabelled stream
     augment: AugmentConfig = field(default_factory=AugmentConfig)
 
 
@@ -96,6 +98,10 @@ class MethodConfig:
     feature_norm: bool = True  # each scale's L1 relative to mean|fake| + mean|real| (in [0, 1])
     adv_warmup_epochs: int = 0  # segmentation-only epochs before the adversarial term
     adv_ramp_epochs: int = 0  # then ramp w_adv linearly over this many epochs
+    ema_decay: float = 0.99  # meanteacher: teacher = EMA of the student's weights
+    w_consistency: float = 1.0  # meanteacher: weight of the student-teacher MSE on unlabelled images
+    consistency_rampup_epochs: float = 5.0  # meanteacher: sigmoid ramp-up of w_consistency (Laine & Aila)
+    consistency_noise: float = 0.1  # meanteacher: std of the Gaussian noise on the teacher's input
 
 
 @dataclass

@@ -126,22 +126,25 @@ def _crop(volume: np.ndarray, start: Sequence[int], size: Sequence[int], fill: n
 class PatchDataset(Dataset):
     """Reproducible random training samples from cached cases.
 
-    Each item is ``{"image": (C, *patch_size) float32, "target": (K, *patch_size) float32 0/1}``.
+    Each item is ``{"image": (C, *patch_size) float32, "target": (K, *patch_size) float32 0/1}``;
+    with ``labeled=False`` (the unlabelled stream) just ``{"image": ...}``, sampled uniformly
+    and augmented the same way (no label file is opened).
     Call :meth:`set_epoch` before iterating each epoch; the epoch lives in shared memory,
     so persistent DataLoader workers see it too.
     """
 
     def __init__(self, cases: list[CachedCase], region_labels: list[list[int]], spatial_dims: int,
                  patch_size: Sequence[int], fg_fraction: float, samples_per_epoch: int,
-                 augment: AugmentConfig | None, seed: int) -> None:
+                 augment: AugmentConfig | None, seed: int, labeled: bool = True) -> None:
         if not cases:
             raise UserError("the data set has no training cases; add labelled cases or lower data.val_fraction")
-        self.files = [(str(c.path / "image.npy"), str(c.path / "label.npy")) for c in cases]
+        self.labeled = bool(labeled)
+        self.files = [(str(c.path / "image.npy"), str(c.path / "label.npy") if labeled else None) for c in cases]
         self.names = [c.name for c in cases]
         self.region_labels = [list(r) for r in region_labels]
         self.spatial_dims = int(spatial_dims)
         self.patch_size = [int(p) for p in patch_size]
-        self.fg_fraction = float(fg_fraction)
+        self.fg_fraction = float(fg_fraction) if labeled else 0.0
         self.samples_per_epoch = int(samples_per_epoch)
         self.seed = int(seed)
         ids = sorted({int(i) for r in self.region_labels for i in r})
@@ -163,7 +166,7 @@ class PatchDataset(Dataset):
                 if isinstance(step, Randomizable):
                     step.set_random_state(state=self._aug_state)
         self._epoch = torch.zeros((), dtype=torch.int64).share_memory_()
-        self._arrays: list[tuple[np.ndarray, np.ndarray]] | None = None
+        self._arrays: list[tuple[np.ndarray, np.ndarray | None]] | None = None
 
     def __len__(self) -> int:
         return self.samples_per_epoch
@@ -180,9 +183,10 @@ class PatchDataset(Dataset):
         state["_arrays"] = None  # memory maps are reopened in each worker
         return state
 
-    def _open(self) -> list[tuple[np.ndarray, np.ndarray]]:
+    def _open(self) -> list[tuple[np.ndarray, np.ndarray | None]]:
         if self._arrays is None:
-            self._arrays = [(np.load(i, mmap_mode="r"), np.load(lab, mmap_mode="r")) for i, lab in self.files]
+            self._arrays = [(np.load(i, mmap_mode="r"), np.load(lab, mmap_mode="r") if lab else None)
+                            for i, lab in self.files]
         return self._arrays
 
     def __getitem__(self, index: int) -> dict[str, torch.Tensor]:
@@ -194,8 +198,10 @@ class PatchDataset(Dataset):
             img, lab = self._sample_2d(rng, c, image, label, want_fg)
         else:
             img, lab = self._sample_3d(rng, c, image, label, want_fg)
-        sample = {"image": torch.from_numpy(img),
-                  "target": torch.from_numpy(labels_to_regions(lab[0], self.region_labels))}
+        # The unlabelled stream carries an all-zero target through the shared transform (it keys on both).
+        target = (labels_to_regions(lab[0], self.region_labels) if self.labeled
+                  else np.zeros((1, *lab.shape[1:]), dtype=np.float32))
+        sample = {"image": torch.from_numpy(img), "target": torch.from_numpy(target)}
         if self.transform is not None:
             from monai.data import get_track_meta, set_track_meta
 
@@ -206,12 +212,15 @@ class PatchDataset(Dataset):
                 sample = self.transform(sample)
             finally:
                 set_track_meta(tracking)
+        if not self.labeled:
+            return {"image": sample["image"].contiguous().float()}
         return {"image": sample["image"].contiguous().float(), "target": sample["target"].contiguous().float()}
 
     def _sample_2d(self, rng, c, image, label, want_fg):
         fg = self.fg_slices[c]
         z = int(rng.choice(fg)) if want_fg and fg.size else int(rng.integers(image.shape[-1]))
-        img2d, lab2d = image[..., z], label[None, ..., z]  # contiguous blocks of the F-order maps
+        img2d = image[..., z]  # a contiguous block of the F-order map
+        lab2d = label[None, ..., z] if label is not None else np.zeros((1, *image.shape[1:-1]), dtype=np.uint8)
         centre: list[int | None] = [None, None]
         if want_fg:
             hits = np.flatnonzero(np.isin(lab2d[0], self.fg_ids))
@@ -226,7 +235,8 @@ class PatchDataset(Dataset):
         centre = list(fg[rng.integers(len(fg))]) if want_fg and len(fg) else [None, None, None]
         start = [_window(s, p, rng, ce) for s, p, ce in zip(image.shape[1:], self.patch_size, centre)]
         return (_crop(image, start, self.patch_size, self.pad[c]),
-                _crop(label[None], start, self.patch_size, 0, dtype=np.uint8))
+                _crop(label[None], start, self.patch_size, 0, dtype=np.uint8) if label is not None
+                else np.zeros((1, *self.patch_size), dtype=np.uint8))
 
 
 def make_loader(train_set: Dataset, batch_size: int, num_workers: int, sampler=None, seed: int = 0,
@@ -303,7 +313,8 @@ def _resolve_regions(cfg: Config, datalist: dict, label_names: dict[int, str]) -
     return {str(k): [int(i) for i in v] for k, v in regions.items()}
 
 
-def _check_files(cases: list, datalist: dict, root: Path, label_names: dict[int, str], cache_dir: Path) -> None:
+def _check_files(cases: list, datalist: dict, root: Path, label_names: dict[int, str], cache_dir: Path,
+                 unlabeled: list | None = None) -> None:
     """``segan prepare check``'s per-case checks on the cases training reads, before anything
     else; a case that passed with the same files (paths, sizes, mtimes) is not read again.
     Raises one :class:`UserError` listing every problem."""
@@ -313,12 +324,40 @@ def _check_files(cases: list, datalist: dict, root: Path, label_names: dict[int,
     info = DatasetInfo(root=root, name=str(datalist.get("name") or root.name),
                        layout=str(datalist.get("layout") or "msd"),
                        channel_names=list(datalist.get("channel_names") or []), labels=label_names,
-                       regions=None, training=cases, test=[])
+                       regions=None, training=cases, test=[], unlabeled=list(unlabeled or []))
     _, problems = check_dataset(info, CheckRecord(cache_dir))
     if problems:
         listing = "\n".join(f"  {line}" for line in problems)
         raise UserError(f"{len(problems)} problem(s) in the training data of {root}; nothing was trained:\n"
                         f"{listing}\nfix them and train again (`segan prepare check {root}` lists every case)")
+
+
+def _split_unlabeled(cfg: Config, datalist: dict) -> tuple[list[dict], list[dict]]:
+    """(labelled training entries, unlabelled entries ``{"case", "image"}``) of the data list.
+
+    ``data.labeled_cases: N`` keeps N training cases, chosen by the split seed (the data
+    list's ``split.seed``, else ``seed``), and moves the others, without their labels, to the
+    unlabelled stream; ``data.unlabeled`` scans join it. The choice is recorded in the data
+    list (``labeled_cases``, ``unlabeled``) so the run's ``datalist.json`` artifact shows it.
+    """
+    from data_prep.msd import unlabeled_cases
+
+    train = list(datalist["training"])
+    unlabeled = [dict(e) for e in datalist.get("unlabeled") or []]
+    n = cfg.data.labeled_cases
+    if n is not None:
+        if not 1 <= int(n) <= len(train):
+            raise UserError(f"data.labeled_cases {n}: must be in 1..{len(train)} (the labelled training cases)")
+        seed = int((datalist.get("split") or {}).get("seed", cfg.seed))
+        order = sorted(train, key=lambda e: str(e.get("case") or e.get("image")))
+        keep = set(np.random.default_rng(seed).permutation(len(order))[:int(n)].tolist())
+        train = [e for i, e in enumerate(order) if i in keep]
+        unlabeled += [{"case": e.get("case"), "image": e["image"]} for i, e in enumerate(order) if i not in keep]
+        datalist["labeled_cases"] = [str(e.get("case") or e.get("image")) for e in train]
+    if cfg.data.unlabeled:
+        unlabeled += [{"case": c.name, "image": list(c.images)} for c in unlabeled_cases(cfg.data.unlabeled)]
+    datalist["training"], datalist["unlabeled"] = train, unlabeled
+    return train, unlabeled
 
 
 def build_data(cfg: Config) -> DataBundle:
@@ -332,11 +371,15 @@ def build_data(cfg: Config) -> DataBundle:
     root = Path(datalist.get("root") or cfg.data.root)
     label_names = {int(k): str(v) for k, v in (datalist.get("labels") or {}).items()}
     cache_dir = Path(cfg.preprocess.cache_dir).expanduser() if cfg.preprocess.cache_dir else default_cache_dir()
-    train_entries, val_entries = datalist["training"], datalist.get("validation") or []
+    train_entries, unlabeled_entries = _split_unlabeled(cfg, datalist)
+    val_entries = datalist.get("validation") or []
     where = Path(cfg.data.datalist) if cfg.data.datalist else root
     cases = [entry_case(root, e.get("image"), e.get("label"), where, name=str(e["case"]) if e.get("case") else None)
              for e in [*train_entries, *val_entries]]
-    _check_files(cases, datalist, root, label_names, cache_dir)
+    # Unlabelled entries never carry a label path: a label beside the scan is not opened.
+    cases_u = [entry_case(root, e.get("image"), None, where, name=str(e["case"]) if e.get("case") else None)
+               for e in unlabeled_entries]
+    _check_files(cases, datalist, root, label_names, cache_dir, cases_u)
     channels, indices = _resolve_channels(cfg, list(datalist.get("channel_names") or []))
     regions = _resolve_regions(cfg, datalist, label_names)
     spec = spec_from_config(cfg.preprocess)
@@ -344,18 +387,22 @@ def build_data(cfg: Config) -> DataBundle:
         spec["channels"] = indices
     cache = CaseCache(cache_dir, spec)
     with ThreadPoolExecutor(max(1, cfg.data.num_workers)) as pool:  # NIfTI decoding and resampling release the GIL
-        cached = list(tqdm(pool.map(cache.get, cases), total=len(cases), desc="preprocess", unit="case",
-                           disable=None, leave=False))
-    enforce_limit(cache_dir, keep=[c.path for c in cached])
+        cached = list(tqdm(pool.map(cache.get, cases + cases_u), total=len(cases) + len(cases_u),
+                           desc="preprocess", unit="case", disable=None, leave=False))
+    cached, cached_u = cached[:len(cases)], cached[len(cases):]
+    enforce_limit(cache_dir, keep=[c.path for c in cached + cached_u])
     train_cached, val_cached = cached[:len(train_entries)], cached[len(train_entries):]
     if not channels and cached:  # a data list without channel names
         channels = [f"channel_{i}" for i in range(cached[0].image.shape[0])]
     region_labels = list(regions.values())
     train_set = PatchDataset(train_cached, region_labels, cfg.data.spatial_dims, cfg.data.patch_size,
                              cfg.data.fg_fraction, cfg.data.samples_per_epoch, cfg.data.augment, cfg.seed)
+    unlabeled_set = (PatchDataset(cached_u, region_labels, cfg.data.spatial_dims, cfg.data.patch_size, 0.0,
+                                  cfg.data.samples_per_epoch, cfg.data.augment, cfg.seed + 1, labeled=False)
+                     if cached_u else None)  # another seed: its draws are not the labelled stream's
     val_cases = [VolumeCase(c.name, c.image, labels_to_regions(np.asarray(c.label), region_labels))
                  for c in val_cached]
     return DataBundle(train_set=train_set, val_cases=val_cases, channels=channels,
                       region_names=list(regions), region_labels=region_labels, label_names=label_names,
                       preprocess_spec=cache.spec, datalist=datalist,
-                      dataset_name=str(datalist.get("name") or root.name))
+                      dataset_name=str(datalist.get("name") or root.name), unlabeled_set=unlabeled_set)

@@ -476,7 +476,9 @@ def _log_run_inputs(tracker, trainer: Trainer, out: Path) -> None:
     atomic_write_text(out / "preprocess.json", json.dumps(data.preprocess_spec, indent=1))
     tracker.log_params({"data.fingerprint": data.datalist.get("fingerprint", ""),
                         "data.n_train": len(data.datalist.get("training", [])),
-                        "data.n_val": len(data.datalist.get("validation", []))})
+                        "data.n_val": len(data.datalist.get("validation", [])),
+                        "data.n_labeled": len(data.datalist.get("training", [])),
+                        "data.n_unlabeled": len(data.datalist.get("unlabeled") or [])})
     for name in ("config.yaml", "datalist.json", "preprocess.json"):
         tracker.log_artifact(out / name)
 

@@ -41,6 +41,8 @@ class PatchGAN(Method):
     has_critic = True
     family = PATCHGAN_FAMILY
     objective: ClassVar[str] = "vanilla"
+    # With an unlabelled stream, (x_u, S(x_u)) are fakes too; without one, nothing changes.
+    uses_unlabeled = True
 
     def __init__(self, cfg, in_channels: int, n_regions: int) -> None:
         super().__init__(cfg, in_channels, n_regions)
@@ -53,15 +55,23 @@ class PatchGAN(Method):
     def critic_input(self, image: torch.Tensor, mask: torch.Tensor) -> torch.Tensor:
         return torch.cat([image, mask], 1)
 
+    def _fakes(self, step: Step, detach: bool) -> torch.Tensor:
+        """Critic input of the segmentations: ``(N [+ M], C + K, *s)``, the unlabelled batch appended when drawn."""
+        fake = self.critic_input(step.image, step.prob.detach() if detach else step.prob)
+        if step.has_unlabeled:
+            prob_u = step.prob_u.detach() if detach else step.prob_u
+            fake = torch.cat([fake, self.critic_input(step.image_u, prob_u)])
+        return fake
+
     def critic_loss(self, critic, step: Step):
-        fake, real = self.critic_pair(critic, self.critic_input(step.image, step.prob.detach()),
+        fake, real = self.critic_pair(critic, self._fakes(step, detach=True),
                                       self.critic_input(step.image, step.target))
         return self.gan.critic(real[-1].float(), fake[-1].float())
 
     def segmentor_terms(self, critic, step: Step, w_adv: float) -> dict[str, Term]:
         terms = super().segmentor_terms(critic, step, w_adv)
         if critic is not None:
-            fake = critic(self.critic_input(step.image, step.prob))[-1].float()
+            fake = critic(self._fakes(step, detach=False))[-1].float()
             terms["loss_adv"] = Term(self.gan.generator(fake), w_adv)
         return terms
 

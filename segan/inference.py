@@ -30,7 +30,7 @@ import os
 import sys
 import time
 from collections import defaultdict
-from dataclasses import dataclass
+from dataclasses import dataclass, field
 from pathlib import Path
 
 import numpy as np
@@ -81,10 +81,13 @@ class CaseResult:
     message: str = ""
     seconds: float = 0.0
     output: str = ""
+    # Quality columns after the fixed ones, in insertion order (e.g. ood_score, flags,
+    # volume_ml_<region>, unc_mean_<region>): filled by whoever computes them.
+    extra: dict[str, str] = field(default_factory=dict)
 
     def row(self) -> dict:
         return {"case": self.case, "inputs": self.inputs, "status": self.status, "message": self.message,
-                "seconds": f"{self.seconds:.2f}", "output": self.output}
+                "seconds": f"{self.seconds:.2f}", "output": self.output, **self.extra}
 
 
 # ---------------------------------------------------------------- inputs
@@ -224,8 +227,11 @@ def predict_case(predictor: Predictor, case: CaseInput, out: Path, opts: Predict
 def write_csv(path: Path, results: list[CaseResult]) -> None:
     from segan.io_utils import atomic_write_text
 
+    columns = list(CSV_COLUMNS)
+    for r in results:  # the fixed columns, then every extra column any case has (blank where absent)
+        columns += [k for k in r.extra if k not in columns]
     buf = io.StringIO()
-    writer = csv.DictWriter(buf, fieldnames=CSV_COLUMNS)
+    writer = csv.DictWriter(buf, fieldnames=columns, restval="")
     writer.writeheader()
     for r in results:
         writer.writerow(r.row())
@@ -234,7 +240,8 @@ def write_csv(path: Path, results: list[CaseResult]) -> None:
 
 def read_csv(path: Path) -> list[CaseResult]:
     with open(path, newline="") as fh:
-        return [CaseResult(r["case"], r["inputs"], r["status"], r["message"], float(r["seconds"] or 0), r["output"])
+        return [CaseResult(r["case"], r["inputs"], r["status"], r["message"], float(r["seconds"] or 0), r["output"],
+                           extra={k: v for k, v in r.items() if k not in CSV_COLUMNS})
                 for r in csv.DictReader(fh)]
 
 

@@ -11,6 +11,7 @@ from segan.config import from_dict
 from segan.config_layers import resolve_config
 from segan.losses import feature_matching, multiscale_l1
 from segan.methods import METHODS, Step
+from segan.nets.critic import FCDiscriminator, build_critic
 from segan.runtime import DistContext, seed_everything
 from segan.training import Trainer
 from tests.conftest import REPO, SMOKE, make_phantoms, run_cli, smoke_config
@@ -63,6 +64,14 @@ def test_confidence_map_has_the_masks_spatial_shape(dims, size, critic):
     conf = method.confidence(critic_net, step.image, step.prob)
     assert conf.shape == (step.prob.shape[0], 1, *step.prob.shape[2:]) and conf.dtype == torch.float32
     assert torch.isfinite(conf).all()
+
+
+def test_fc_discriminator_is_hung_et_al_s_layout():
+    net = FCDiscriminator(2, 3, [4, 8, 16, 32])  # the paper's widths are 64..512
+    outs = net(torch.zeros(2, 3, 64, 64))
+    assert [tuple(o.shape[1:]) for o in outs] == [(4, 32, 32), (8, 16, 16), (16, 8, 8), (32, 4, 4), (1, 2, 2)]
+    assert not any(isinstance(m, (nn.BatchNorm2d, nn.InstanceNorm2d)) for m in net.modules())  # no norm
+    assert isinstance(build_critic(resolve_config(None, ["method.name=advsemi"]).config.model, 3, 2), FCDiscriminator)
 
 
 def test_critic_image_adds_the_image_channels():

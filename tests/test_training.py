@@ -1,6 +1,5 @@
 """The training engine: every method trains in 2D and 3D, resume is exact, guards hold."""
 
-import os
 import signal
 import subprocess
 import sys

@@ -9,6 +9,7 @@ from torch import nn
 
 from segan.config import from_dict
 from segan.config_layers import resolve_config
+from segan.errors import UserError
 from segan.losses import feature_matching, multiscale_l1
 from segan.methods import METHODS, Step
 from segan.nets.critic import FCDiscriminator, build_critic
@@ -130,6 +131,13 @@ def test_advsemi_family_is_the_papers_recipe():
     for key, value in [("critic", "fcn"), ("w_adv", "0.01"), ("w_adv_unlabeled", "0.001"), ("w_semi", "0.1"),
                        ("semi_threshold", "0.2"), ("semi_warmup_epochs", "10.0")]:
         assert value in lines[key] and lines[key].rstrip().endswith("# method"), lines[key]
+
+
+def test_semi_threshold_outside_0_1_is_a_user_error():
+    with pytest.raises(UserError, match="'method.semi_threshold'"):
+        resolve_config(None, ["method.name=advsemi", "method.semi_threshold=1.5"])
+    with pytest.raises(UserError, match="'model.critic'"):  # advsemi needs a logits map
+        resolve_config(None, ["method.name=advsemi", "model.critic=segan"])
 
 
 # ------------------------------------------------------------------ segan feature matching

@@ -12,11 +12,19 @@ Modules: :mod:`~segan.report.html` (page, escaping, embedded images),
 :mod:`~segan.report.experiment`, :mod:`~segan.report.command` (the ``segan report`` CLI).
 """
 
-from segan.report.predictions import REPORT_NAME, write_predictions_report
+REPORT_NAME = "report.html"  # what `segan predict --report` writes into its output folder
+
+
+def write_predictions_report(*args, **kwargs):
+    """See :func:`segan.report.predictions.write_predictions_report` (imported on first use, so that
+    ``segan --help``, which registers ``segan report``, does not import numpy or matplotlib)."""
+    from segan.report.predictions import write_predictions_report as _write
+
+    return _write(*args, **kwargs)
 
 
 def write_experiment_report(*args, **kwargs):
-    """See :func:`segan.report.experiment.write_experiment_report` (imported lazily: it needs mlflow)."""
+    """See :func:`segan.report.experiment.write_experiment_report` (imported on first use: it needs mlflow)."""
     from segan.report.experiment import write_experiment_report as _write
 
     return _write(*args, **kwargs)

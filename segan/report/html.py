@@ -29,7 +29,7 @@ span.ok { color: #2e7d32; }
 img.slices { max-width: 720px; width: 100%; display: block; }
 img.fig { max-width: 100%; display: block; margin: .4em 0; }
 .gallery { display: flex; flex-wrap: wrap; gap: 12px; }
-.gallery figure { margin: 0; max-width: 480px; } .gallery figcaption { font-size: 12px; color: #444; }
+.gallery figure { margin: 0; max-width: 640px; } .scroll { overflow-x: auto; max-width: 100%; } .gallery figcaption { font-size: 12px; color: #444; }
 .legend span { display: inline-block; padding: 0 6px; margin-right: 6px; border-left: 14px solid; }
 .msg { font-size: 12px; color: #444; max-width: 260px; overflow-wrap: anywhere; }
 code { font-size: 12px; }
@@ -63,7 +63,7 @@ def table(header: Sequence[str], rows: Iterable[Sequence[str]], row_attrs: Itera
     for i, row in enumerate(rows):
         attr = f" {attrs[i]}" if attrs else ""
         body.append(f"<tr{attr}>" + "".join(f"<td>{cell(c)}</td>" for c in row) + "</tr>")
-    return f"<table><thead><tr>{head}</tr></thead><tbody>{''.join(body)}</tbody></table>"
+    return f"<div class=\"scroll\"><table><thead><tr>{head}</tr></thead><tbody>{''.join(body)}</tbody></table></div>"
 
 
 def page(title: str, subtitle: str, sections: Sequence[str]) -> str:

@@ -23,9 +23,8 @@ from pathlib import Path
 import numpy as np
 
 from segan.errors import UserError
+from segan.report import REPORT_NAME
 from segan.report.html import esc, img, page, table, write_page
-
-REPORT_NAME = "report.html"
 
 
 @dataclass

@@ -26,12 +26,12 @@ span.flag { display: inline-block; background: #e0a100; color: #fff; border-radi
             margin: 1px; font-size: 12px; }
 span.flag.failed { background: #c62828; }
 span.ok { color: #2e7d32; }
-img.slices { max-width: 720px; width: 100%; display: block; }
+img.slices { width: 480px; max-width: none; display: block; }
 img.fig { max-width: 100%; display: block; margin: .4em 0; }
 .gallery { display: flex; flex-wrap: wrap; gap: 12px; }
 .gallery figure { margin: 0; max-width: 640px; } .scroll { overflow-x: auto; max-width: 100%; } .gallery figcaption { font-size: 12px; color: #444; }
 .legend span { display: inline-block; padding: 0 6px; margin-right: 6px; border-left: 14px solid; }
-.msg { font-size: 12px; color: #444; max-width: 260px; overflow-wrap: anywhere; }
+.msg { font-size: 12px; color: #444; max-width: 240px; overflow-wrap: anywhere; margin-top: 3px; }
 code { font-size: 12px; }
 """
 

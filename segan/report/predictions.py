@@ -179,12 +179,12 @@ def _row(rank: int, view: CaseView, regions: list[tuple[str, list[int]]], with_u
     status = f'<span class="ok">{esc(view.status)}</span>' if view.status == "ok" else esc(view.status)
     picture = img(view.png, f"slices of {view.case}", cls="slices") if view.png else ""
     notes = " ".join(esc(t) for t in (view.message, view.note) if t)
-    cells = [str(rank), f"<code>{esc(view.case)}</code>", status, " ".join(flags) or "-",
+    cells = [str(rank), f'<code>{esc(view.case)}</code><div class="msg">{notes}</div>', status, " ".join(flags) or "-",
              f'<span class="num">{_fmt(view.ood_score)}</span>']
     if with_unc:
         cells.append(_fmt(view.uncertainty, 4))
     cells += [_fmt(view.volumes.get(name)) for name, _ in regions]
-    cells += [_fmt(view.seconds), picture, f'<div class="msg">{notes}</div>']
+    cells += [_fmt(view.seconds), picture]
     return cells
 
 
@@ -197,7 +197,7 @@ def predictions_html(pred_dir: Path, views: list[CaseView], regions: list[tuple[
     failed = sum(v.status == "failed" for v in views)
     flagged = sum(bool(v.flags) for v in views)
     header = ["#", "case", "status", "flags", "ood score", *(["uncertainty"] if with_unc else []),
-              *(f"{name} (mL)" for name, _ in regions), "seconds", "slices through the mask centre", "message"]
+              *(f"{name} (mL)" for name, _ in regions), "seconds", "slices through the mask centre"]
     attrs = [f'id="case-{esc(v.case)}" data-case="{esc(v.case)}" class="'
              f'{"failed" if v.status == "failed" else "flagged" if v.flags else "ok"}"' for v in views]
     legend = "".join(f'<span style="border-color:{c}">{esc(name)} = labels {esc(",".join(map(str, ids)))}</span>'

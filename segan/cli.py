@@ -177,14 +177,15 @@ def describe(config: str, overrides: tuple[str, ...], in_channels: int | None) -
 @click.option("--overwrite", is_flag=True, help="Replace existing outputs.")
 @click.option("--continue", "resume", is_flag=True, help="Skip inputs whose output exists.")
 @click.option("--tracking-uri", help="MLflow tracking URI for runs:/ and models:/ URIs.")
+@click.option("--report", is_flag=True, help="Also write OUT/report.html (QC page; README: QC report).")
 def predict(model: str, inputs: tuple[str, ...], out: str, tta: bool, probabilities: bool, device: str,
             sw_batch: int | None, overlap: float | None, overwrite: bool, resume: bool,
-            tracking_uri: str | None) -> None:
+            tracking_uri: str | None, report: bool) -> None:
     """Segment scans; masks keep each input's exact shape and affine."""
     from segan.inference import PredictOptions, run_predict
 
     opts = PredictOptions(tta=tta, probabilities=probabilities, device=device, sw_batch=sw_batch,
-                          overlap=overlap, overwrite=overwrite, resume=resume)
+                          overlap=overlap, overwrite=overwrite, resume=resume, report=report)
     sys.exit(run_predict(model, list(inputs), Path(out), opts, tracking_uri=tracking_uri))
 
 
@@ -281,6 +282,11 @@ def bench(config: str, overrides: tuple[str, ...], device: str, steps: int, json
 
     click.echo(run_bench(config, overrides=list(overrides), device=device, steps=steps,
                          json_out=Path(json_out) if json_out else None))
+
+
+from segan.report.command import report_command  # noqa: E402 - after the group it joins
+
+cli.add_command(report_command)
 
 
 def main() -> None:

@@ -56,6 +56,7 @@ class PredictOptions:
     overlap: float | None = None
     overwrite: bool = False
     resume: bool = False
+    report: bool = False  # also write OUTDIR/report.html (segan.report)
 
 
 @dataclass
@@ -328,4 +329,8 @@ def run_predict(model: str, inputs: list[str], out: Path, opts: PredictOptions,
             counts[r.status] = counts.get(r.status, 0) + 1
         print(f"{counts['ok']} predicted, {counts['skipped']} skipped, {counts['failed']} failed "
               f"-> {out / CSV_NAME}")
+        if opts.report:
+            from segan.report import write_predictions_report
+
+            print(f"QC report -> {write_predictions_report(out)}")
     return 1 if failed else 0

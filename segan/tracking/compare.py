@@ -180,7 +180,8 @@ def _fmt_duration(seconds: float | None) -> str:
     return f"{hours}h{minutes:02d}m" if hours else f"{minutes}m{sec:02d}s"
 
 
-def _sort_rows(rows: list[RunRow], metric: str) -> list[RunRow]:
+def sort_rows(rows: list[RunRow], metric: str) -> list[RunRow]:
+    """Best ``metric`` first (its goal decides the direction); runs without it last."""
     sign = 1.0 if metric_goal(metric) == "min" else -1.0
     return sorted(rows, key=lambda r: (metric not in r.metrics, sign * r.metrics.get(metric, 0.0), r.run_name))
 
@@ -234,7 +235,7 @@ def run_compare(experiments: list[str], metric: str = "val_dice_mean", group_by:
         raise UserError(f"metric {metric!r} is not logged by any run in {where}{did_you_mean(metric, known)}; "
                         "logged metrics: "
                         f"{', '.join(known) or 'none'}")
-    rows = _sort_rows(rows, metric)
+    rows = sort_rows(rows, metric)
     if plot is not None and rows:
         save_compare_png(Path(plot), rows, metric, group_stats(rows, [metric]))
     if fmt == "json":
@@ -263,8 +264,22 @@ def _csv(rows: list[RunRow]) -> str:
     return buf.getvalue().rstrip("\n")
 
 
-def _report(rows: list[RunRow], metric: str, group_by: str, title: str, markdown: bool) -> str:
-    """The runs table (``metric`` first, then the other validation metrics), then mean ± std per group."""
+@dataclass
+class CompareTables:
+    """What ``segan compare`` shows, as cells (rendered as text, markdown or HTML by the caller).
+
+    ``runs``: ``(caption, header, body)`` of the runs table; ``groups``: the same for
+    mean ± std per group (``None`` when no run FINISHED); ``notes``: lines after them.
+    """
+
+    runs: tuple[str, list[str], list[list[str]]]
+    groups: tuple[str, list[str], list[list[str]]] | None
+    notes: list[str]
+
+
+def compare_tables(rows: list[RunRow], metric: str, group_by: str, title: str) -> CompareTables:
+    """The runs table (``metric`` first, then the other validation metrics), then mean ± std per group;
+    ``rows`` sorted (:func:`sort_rows`)."""
     shown = [metric] + sorted({k for r in rows for k in r.metrics if k.startswith("val_") and k != metric})
     extra_group = [] if group_by == "method" else [group_by]
     header = ["run_id", "run_name", "method", *extra_group, "seed", "segmentor", *shown, "epochs", "steps",
@@ -274,7 +289,7 @@ def _report(rows: list[RunRow], metric: str, group_by: str, title: str, markdown
              "-" if r.steps_done is None else str(r.steps_done), r.stop_reason or "-",
              _fmt_duration(r.train_seconds), r.status] for r in rows]
     goal = {"max": "higher is better", "min": "lower is better", "last": "last value"}[metric_goal(metric)]
-    parts = [f"{title}, best value per run, sorted by {metric} ({goal}):", "", _render_table(header, body, markdown)]
+    tables = CompareTables((f"{title}, best value per run, sorted by {metric} ({goal}):", header, body), None, [])
     stats = group_stats(rows, [k for k in shown if k.startswith(("val_dice", metric))] or [metric])
     if stats:
         keys = [k for k in stats[0] if k not in ("group", "runs")]
@@ -282,13 +297,26 @@ def _report(rows: list[RunRow], metric: str, group_by: str, title: str, markdown
         g_body = [[s["group"], str(s["runs"]), *(("-" if s[k] is None else f"{s[k][0]:.4f} ± {s[k][1]:.4f}")
                                                  for k in keys),
                    stopped_summary([r for r in finished if r.group == s["group"]])] for s in stats]
-        parts += ["", f"Mean ± std per {group_by} over FINISHED runs (seeds):", "",
-                  _render_table([group_by, "runs", *keys, "stopped"], g_body, markdown)]
+        tables.groups = (f"Mean ± std per {group_by} over FINISHED runs (seeds):",
+                         [group_by, "runs", *keys, "stopped"], g_body)
     others = sum(r.status != "FINISHED" for r in rows)
     if others:
-        parts += ["", f"{others} run(s) not FINISHED are listed above but not averaged."]
+        tables.notes.append(f"{others} run(s) not FINISHED are listed above but not averaged.")
     note = stop_reason_note(rows)
     if note:
+        tables.notes.append(note)
+    return tables
+
+
+def _report(rows: list[RunRow], metric: str, group_by: str, title: str, markdown: bool) -> str:
+    """:func:`compare_tables` as text."""
+    tables = compare_tables(rows, metric, group_by, title)
+    caption, header, body = tables.runs
+    parts = [caption, "", _render_table(header, body, markdown)]
+    if tables.groups:
+        caption, header, body = tables.groups
+        parts += ["", caption, "", _render_table(header, body, markdown)]
+    for note in tables.notes:
         parts += ["", note]
     return "\n".join(parts)
 

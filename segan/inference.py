@@ -289,7 +289,7 @@ def run_predict(model: str, inputs: list[str], out: Path, opts: PredictOptions,
     mine = cases[rank::world]
     results: list[CaseResult] = []
     # A bar with ETA on a terminal; one line per case when stderr is a file or a pipe.
-    with Progress(len(mine), "predict", "case", enabled=rank == 0) as bar:
+    with Progress(len(mine), "predict", "case", enabled=rank == 0, leave=True) as bar:
         for case in mine:
             result = predict_case(predictor, case, out, opts)
             results.append(result)

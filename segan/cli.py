@@ -27,10 +27,45 @@ class Choice(click.Choice):
         return super().get_invalid_choice_message(value, ctx).rstrip(".") + did_you_mean(value, self.choices) + "."
 
 
-@click.group(context_settings={"help_option_names": ["-h", "--help"], "max_content_width": 100})
+def _verbose(ctx: click.Context, param: click.Parameter, value: bool) -> None:
+    from segan.progress import configure_logging
+
+    if value or ctx.parent is None:  # the group sets the quiet default; a command's -v can only add
+        configure_logging(value)
+
+
+def _verbose_option() -> click.Option:
+    return click.Option(["-v", "--verbose"], is_flag=True, expose_value=False, is_eager=True, callback=_verbose,
+                        help="Also show MLflow's INFO lines (database set-up, run URLs) and segan's own.")
+
+
+class Command(click.Command):
+    """Every command takes ``-v/--verbose`` (``segan train -v`` as well as ``segan -v train``)."""
+
+    def __init__(self, *args, **kwargs) -> None:
+        super().__init__(*args, **kwargs)
+        self.params.append(_verbose_option())
+
+
+class Group(click.Group):
+    """Takes ``-v`` itself, and makes its commands and sub-groups (prepare, cache) take it."""
+
+    command_class = Command
+    group_class = type
+
+    def __init__(self, *args, **kwargs) -> None:
+        super().__init__(*args, **kwargs)
+        self.params.append(_verbose_option())
+
+
+@click.group(cls=Group, context_settings={"help_option_names": ["-h", "--help"], "max_content_width": 100})
 @click.version_option(__version__, prog_name="segan")
 def cli() -> None:
-    """Adversarial medical-image segmentation: SegAN and classic GAN baselines."""
+    """Adversarial medical-image segmentation: SegAN and classic GAN baselines.
+
+    Logs: progress bars on a terminal, one line per epoch or case in a file or pipe; MLflow's
+    INFO lines only with -v (README: Logs).
+    """
 
 
 # ---------------------------------------------------------------- prepare

@@ -144,7 +144,7 @@ class TrainConfig:
     deterministic: bool = False
     threads: Optional[int] = None
     log_every: int = 10  # fetch losses from the device every N steps (no per-step sync)
-    progress: bool = True
+    progress: bool = True  # a step bar on a terminal (one line per epoch is always written)
 
 
 @dataclass

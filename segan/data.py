@@ -38,6 +38,7 @@ from data_prep.cache import default_cache_dir
 from data_prep.preprocess import CachedCase, CaseCache, spec_from_config
 from segan.config import AugmentConfig, Config
 from segan.errors import UserError, did_you_mean
+from segan.progress import track
 from segan.regions import default_regions, labels_to_regions
 
 
@@ -362,8 +363,6 @@ def _split_unlabeled(cfg: Config, datalist: dict) -> tuple[list[dict], list[dict
 
 def build_data(cfg: Config) -> DataBundle:
     """Data list -> file checks -> preprocessed (cached) cases -> training sample set and validation volumes."""
-    from tqdm import tqdm
-
     from data_prep.cache import enforce_limit
     from data_prep.msd import entry_case
 
@@ -387,8 +386,8 @@ def build_data(cfg: Config) -> DataBundle:
         spec["channels"] = indices
     cache = CaseCache(cache_dir, spec)
     with ThreadPoolExecutor(max(1, cfg.data.num_workers)) as pool:  # NIfTI decoding and resampling release the GIL
-        cached = list(tqdm(pool.map(cache.get, cases + cases_u), total=len(cases) + len(cases_u),
-                           desc="preprocess", unit="case", disable=None, leave=False))
+        cached = list(track(pool.map(cache.get, cases + cases_u), len(cases) + len(cases_u), "preprocess", "case",
+                            lines=False))  # a bar on a terminal; nothing in a batch log
     cached, cached_u = cached[:len(cases)], cached[len(cases):]
     enforce_limit(cache_dir, keep=[c.path for c in cached + cached_u])
     train_cached, val_cached = cached[:len(train_entries)], cached[len(train_entries):]

@@ -27,7 +27,6 @@ import glob
 import io
 import json
 import os
-import sys
 import time
 from collections import defaultdict
 from dataclasses import dataclass, field
@@ -38,6 +37,7 @@ import torch
 
 from data_prep.io import CHANNEL_FILE, is_nifti, save_nifti, stem
 from segan.errors import UserError
+from segan.progress import Progress
 from segan.predictor import Predictor, resolve_model  # noqa: F401 - re-exported: segan.inference API
 
 CSV_NAME = "predictions.csv"
@@ -257,13 +257,6 @@ def _model_info(source: str, path: Path, meta: dict) -> str:
     return json.dumps(info, indent=2) + "\n"
 
 
-def _progress(total: int, enabled: bool):
-    from tqdm import tqdm
-
-    # disable=None: a bar (with ETA) on a terminal, nothing when stderr is a file or a pipe.
-    return tqdm(total=total, desc="predict", unit="case", file=sys.stderr, disable=None if enabled else True)
-
-
 def run_predict(model: str, inputs: list[str], out: Path, opts: PredictOptions,
                 tracking_uri: str | None = None) -> int:
     """``segan predict``: exit status 0 if every case is ok or skipped, 1 if any failed.
@@ -296,15 +289,16 @@ def run_predict(model: str, inputs: list[str], out: Path, opts: PredictOptions,
 
     mine = cases[rank::world]
     results: list[CaseResult] = []
-    with _progress(len(mine), enabled=rank == 0) as bar:
+    # A bar with ETA on a terminal; one line per case when stderr is a file or a pipe.
+    with Progress(len(mine), "predict", "case", enabled=rank == 0, leave=True) as bar:
         for case in mine:
             result = predict_case(predictor, case, out, opts)
             results.append(result)
             if result.status == "failed":
-                bar.write(f"failed: {result.message}", file=sys.stderr)
+                bar.write(f"failed: {result.message}")
             elif result.message.startswith("warning:"):
-                bar.write(f"warning: {case.inputs}: {result.message[len('warning: '):]}", file=sys.stderr)
-            bar.update(1)
+                bar.write(f"warning: {case.inputs}: {result.message[len('warning: '):]}")
+            bar.done(f"{result.case} {result.status}", seconds=result.seconds)
 
     failed = sum(r.status == "failed" for r in results)
     if dist is None:

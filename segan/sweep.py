@@ -17,6 +17,7 @@ import time
 from pathlib import Path
 
 from segan.errors import UserError, did_you_mean
+from segan.progress import Progress
 
 
 def parse_list(text: str, what: str) -> list[str]:
@@ -107,12 +108,16 @@ def run_sweep(config: str, methods: str, seeds: str, overrides: list[str], track
     parent.log_artifact(Path(datalist), "sweep")
     failed: list[tuple[str, int, int]] = []
     status = "FINISHED"
+    runs = Progress(len(children), "[sweep] run", bar=False)  # one line per child, with its seconds and ETA
     try:
         for i, (method, seed, cfg) in enumerate(children, 1):
-            print(f"[sweep] {i}/{len(children)}: {method}, seed {seed}", file=sys.stderr, flush=True)
+            runs.write(f"[sweep] {i}/{len(children)}: {method}, seed {seed}")
             result = run_training(cfg, out_dir=None, resume=None, tracking_uri=tracking_uri, register=None,
                                   parent_run_id=parent.run_id)
-            print(f"[sweep] {method}, seed {seed}: {result.summary()}", file=sys.stderr, flush=True)
+            first, *more = result.summary().splitlines()  # an error message follows on its own line
+            runs.done(f"{method}, seed {seed}: {first}")
+            for line in more:
+                runs.write(line)
             if result.exit_code == 130:
                 status = "KILLED"
                 break

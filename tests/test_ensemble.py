@@ -235,3 +235,21 @@ def test_uncertainty_error_benchmark_prints_a_spearman_rho(models, singles, work
                            str(singles["m0"]), "-g", str(gt)], capture_output=True, text=True, env=env, timeout=300)
     # predicted without --uncertainty: one error line, exit 2
     assert proc.returncode == 2 and proc.stderr.startswith("error:") and "--uncertainty" in proc.stderr
+
+
+def test_per_flip_members_of_3d_sliding_window_average_to_tta():
+    from segan.config import Config
+    from segan.nets import build_segmentor
+    from segan.sliding import predict_batch
+
+    cfg = Config()
+    cfg.model.channels, cfg.model.strides = [8, 16, 32], [2, 2]
+    torch.manual_seed(0)
+    net = build_segmentor(cfg.model, 3, 1, 2).eval()
+    x = torch.randn(1, 1, 20, 24, 18)
+    each = predict_batch(net, x, 3, [16, 16, 16], tta=True, per_flip=True)
+    assert each.shape == (1, 8, 2, 20, 24, 18)
+    torch.testing.assert_close(each.mean(1), predict_batch(net, x, 3, [16, 16, 16], tta=True), atol=1e-5, rtol=0)
+    assert each.var(1).max() > 1e-4  # the flips disagree: a variance to report
+    plain = predict_batch(net, x, 3, [16, 16, 16], per_flip=True)
+    torch.testing.assert_close(plain[:, 0], predict_batch(net, x, 3, [16, 16, 16]), atol=0, rtol=0)

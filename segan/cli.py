@@ -200,12 +200,15 @@ def describe(config: str, overrides: tuple[str, ...], in_channels: int | None) -
 
 # ---------------------------------------------------------------- inference
 @cli.command()
-@click.option("-m", "--model", "model", required=True,
-              help="Checkpoint, training folder, runs:/<id>/... or models:/<name>/<version>.")
+@click.option("-m", "--model", "models", required=True, multiple=True,
+              help="Checkpoint, training folder, cv folder (cv.json), runs:/<id>/... or models:/<name>/<version>; "
+                   "repeat to average an ensemble.")
 @click.option("-i", "--input", "inputs", required=True, multiple=True, help="File, folder or glob.")
 @click.option("-o", "--out", "out", type=click.Path(file_okay=False), required=True)
 @click.option("--tta", is_flag=True, help="Average predictions over flips.")
 @click.option("--probabilities", is_flag=True, help="Also write float32 probability maps.")
+@click.option("--uncertainty", is_flag=True,
+              help="Also write <case>_unc maps (member variance, or entropy for one member) and unc_* CSV columns.")
 @click.option("--device", default="auto", show_default=True)
 @click.option("--sw-batch", type=click.IntRange(1, None), default=None, help="Sliding-window batch size.")
 @click.option("--overlap", type=click.FloatRange(0.0, 0.95), default=None, help="Sliding-window overlap.")
@@ -213,15 +216,16 @@ def describe(config: str, overrides: tuple[str, ...], in_channels: int | None) -
 @click.option("--continue", "resume", is_flag=True, help="Skip inputs whose output exists.")
 @click.option("--tracking-uri", help="MLflow tracking URI for runs:/ and models:/ URIs.")
 @click.option("--report", is_flag=True, help="Also write OUT/report.html (QC page; README: QC report).")
-def predict(model: str, inputs: tuple[str, ...], out: str, tta: bool, probabilities: bool, device: str,
-            sw_batch: int | None, overlap: float | None, overwrite: bool, resume: bool,
-            tracking_uri: str | None, report: bool) -> None:
+def predict(models: tuple[str, ...], inputs: tuple[str, ...], out: str, tta: bool, probabilities: bool,
+            uncertainty: bool, device: str, sw_batch: int | None, overlap: float | None, overwrite: bool,
+            resume: bool, tracking_uri: str | None, report: bool) -> None:
     """Segment scans; masks keep each input's exact shape and affine."""
     from segan.inference import PredictOptions, run_predict
 
     opts = PredictOptions(tta=tta, probabilities=probabilities, device=device, sw_batch=sw_batch,
-                          overlap=overlap, overwrite=overwrite, resume=resume, report=report)
-    sys.exit(run_predict(model, list(inputs), Path(out), opts, tracking_uri=tracking_uri))
+                          overlap=overlap, overwrite=overwrite, resume=resume, uncertainty=uncertainty,
+                          report=report)
+    sys.exit(run_predict(list(models), list(inputs), Path(out), opts, tracking_uri=tracking_uri))
 
 
 @cli.command()

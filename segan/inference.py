@@ -5,7 +5,8 @@ replay the checkpoint's preprocessing (``data_prep.preprocess.Preprocessor``) ->
 prediction (``segan.predictor.Predictor``, the one implementation also behind
 validation and the MLflow pyfunc: 2D slice batches or 3D Gaussian sliding window, optional
 flip TTA, bf16 AMP on CUDA) -> probabilities resampled back onto the scan's grid
-(bilinear, ``Preprocessor.invert``) -> threshold and post-processing per region
+(bilinear, ``Preprocessor.invert``) -> averaged over the models of ``-m`` (``segan.ensemble``:
+one model is an ensemble of one; ``--uncertainty`` maps) -> threshold and post-processing per region
 (``segan.postprocess``) -> regions painted back to the data set's label ids
 (``segan.regions.regions_to_labels``) -> ``OUTDIR/<case>.nii.gz`` with the input's affine.
 
@@ -25,7 +26,6 @@ from __future__ import annotations
 import csv
 import glob
 import io
-import json
 import os
 import time
 from collections import defaultdict
@@ -38,6 +38,7 @@ import torch
 from data_prep.io import CHANNEL_FILE, is_nifti, save_nifti, stem
 from segan.errors import UserError
 from segan.progress import Progress
+from segan.ensemble import Ensemble
 from segan.predictor import Predictor, resolve_model  # noqa: F401 - re-exported: segan.inference API
 
 CSV_NAME = "predictions.csv"
@@ -57,6 +58,7 @@ class PredictOptions:
     overwrite: bool = False
     resume: bool = False
     report: bool = False  # also write OUTDIR/report.html (segan.report)
+    uncertainty: bool = False  # also <case>_unc.nii.gz and unc_* columns (segan.ensemble)
 
 
 @dataclass
@@ -183,14 +185,15 @@ def _replace_nonfinite(image: np.ndarray, where: str) -> tuple[np.ndarray, str]:
     return image, f"warning: {count} NaN/inf voxels replaced by their channel's minimum"
 
 
-def predict_case(predictor: Predictor, case: CaseInput, out: Path, opts: PredictOptions) -> CaseResult:
+def predict_case(predictor: Ensemble, case: CaseInput, out: Path, opts: PredictOptions) -> CaseResult:
     """Predict one case into ``out``; never raises for a bad file (the result says what went wrong)."""
     from data_prep.io import load_image
 
     start = time.perf_counter()
     mask_path = out / f"{case.name}.nii.gz"
     prob_path = out / f"{case.name}_prob.nii.gz"
-    wanted = [mask_path] + ([prob_path] if opts.probabilities else [])
+    unc_path = out / f"{case.name}_unc.nii.gz"
+    wanted = [mask_path] + ([prob_path] if opts.probabilities else []) + ([unc_path] if opts.uncertainty else [])
     result = CaseResult(case.name, case.inputs, "ok", output=str(mask_path))
     try:
         if case.problem:
@@ -208,9 +211,15 @@ def predict_case(predictor: Predictor, case: CaseInput, out: Path, opts: Predict
             raise UserError(f"{case.inputs}: has {image.shape[0]} channel(s); the model expects {len(channels)} "
                             f"({', '.join(channels)}) as one 4D file or {stem(case.paths[0])}_0000.. channel files")
         image, note = _replace_nonfinite(image, case.inputs)
-        labels, prob = predictor.predict(image, affine, tta=opts.tta)
+        pred = predictor.predict(image, affine, tta=opts.tta, uncertainty=opts.uncertainty)
+        labels, prob = pred.labels, pred.prob
         if opts.probabilities:  # written before the mask: a present mask means a finished case
             save_nifti(prob_path, np.moveaxis(prob, 0, -1), affine, dtype=np.float32)
+        if pred.unc is not None:
+            from segan.ensemble import uncertainty_summary
+
+            save_nifti(unc_path, np.moveaxis(pred.unc, 0, -1), affine, dtype=np.float32)
+            result.extra.update(uncertainty_summary(pred.unc, pred.masks, list(predictor.meta["region_names"])))
         save_nifti(mask_path, labels, affine, dtype=np.uint8)
         result.message = note
     except UserError as exc:
@@ -250,16 +259,11 @@ def _partial_csv(out: Path, rank: int) -> Path:
     return out / f".predictions.rank{rank}.csv"
 
 
-def _model_info(source: str, path: Path, meta: dict) -> str:
-    info = {"model": source, "checkpoint": str(path), "dataset": meta.get("dataset"),
-            "channels": meta["channels"], "regions": dict(zip(meta["region_names"], meta["region_labels"])),
-            "labels": {str(k): v for k, v in meta.get("label_names", {}).items()}}
-    return json.dumps(info, indent=2) + "\n"
-
-
-def run_predict(model: str, inputs: list[str], out: Path, opts: PredictOptions,
+def run_predict(model: str | list[str], inputs: list[str], out: Path, opts: PredictOptions,
                 tracking_uri: str | None = None) -> int:
     """``segan predict``: exit status 0 if every case is ok or skipped, 1 if any failed.
+
+    ``model``: one ``-m`` value or several (an ensemble, :mod:`segan.ensemble`).
 
     Usage errors (no model, no input matched, output folder = an input folder) raise
     :class:`UserError` (exit 2) before anything is written.
@@ -273,9 +277,9 @@ def run_predict(model: str, inputs: list[str], out: Path, opts: PredictOptions,
     cases = find_cases(list(inputs))
     check_output_dir(out, cases)
     world, rank = int(os.environ.get("WORLD_SIZE", "1")), int(os.environ.get("RANK", "0"))
-    ckpt_path = resolve_model(model, tracking_uri)
+    models = [model] if isinstance(model, str) else list(model)
     device = resolve_device(opts.device, int(os.environ.get("LOCAL_RANK", "0")))
-    predictor = Predictor.from_checkpoint(ckpt_path, device, sw_batch=opts.sw_batch, overlap=opts.overlap)
+    predictor = Ensemble.load(models, device, sw_batch=opts.sw_batch, overlap=opts.overlap, tracking_uri=tracking_uri)
     out.mkdir(parents=True, exist_ok=True)
 
     dist = None
@@ -285,7 +289,8 @@ def run_predict(model: str, inputs: list[str], out: Path, opts: PredictOptions,
         if not dist.is_initialized():
             dist.init_process_group("gloo")  # only a barrier and one sum: gloo works on CPU and GPU hosts
     if rank == 0:
-        atomic_write_text(out / MODEL_INFO_NAME, _model_info(model, ckpt_path, predictor.meta))
+        atomic_write_text(out / MODEL_INFO_NAME, predictor.info(
+            models, predictor.uncertainty_kind(opts.tta) if opts.uncertainty else None))
 
     mine = cases[rank::world]
     results: list[CaseResult] = []

@@ -199,7 +199,7 @@ def check_not_swapped(pred: Path, gt: Path, other_args: list[str]) -> None:
         from data_prep.io import load_label
 
         values: set[int] = set()
-        masks = [p for name, p in _files_by_stem(gt).items() if not name.endswith("_prob")]
+        masks = [p for name, p in _files_by_stem(gt).items() if not name.endswith(("_prob", "_unc"))]
         for path in masks[:3]:  # a few masks settle it
             try:
                 values.update(int(v) for v in np.unique(load_label(path)[0]) if v > 0)
@@ -229,7 +229,7 @@ def evaluate_folders(pred: Path, gt: Path, regions: str | None = None) -> tuple[
     gt_files = _files_by_stem(gt)
     if not gt_files:
         raise UserError(f"{gt}: holds no .nii/.nii.gz label maps; pass -g with a folder of ground-truth masks")
-    pred_files = {k: v for k, v in _files_by_stem(pred).items() if not k.endswith("_prob")}
+    pred_files = {k: v for k, v in _files_by_stem(pred).items() if not k.endswith(("_prob", "_unc"))}
 
     truths: dict[str, tuple[np.ndarray, np.ndarray] | str] = {}
     found: set[int] = set()

@@ -169,12 +169,20 @@ def plan(data: str, out: str, method: str, dims: str, device: str, memory_gb: fl
 @click.option("--resume", type=click.Path(), help="Checkpoint (last.pt) or run folder to continue.")
 @click.option("--tracking-uri", help="MLflow tracking URI [$MLFLOW_TRACKING_URI or ./mlflow_runs].")
 @click.option("--register", metavar="NAME", help="Register the best segmentor in the MLflow model registry.")
+@click.option("--folds", type=click.IntRange(2, None), default=None,
+              help="K-fold cross-validation: K fold models as child runs of one parent run; OUT is an ensemble.")
 def train(config: str, overrides: tuple[str, ...], out: str | None, resume: str | None,
-          tracking_uri: str | None, register: str | None) -> None:
+          tracking_uri: str | None, register: str | None, folds: int | None) -> None:
     """Train a segmentor with SegAN, a GAN baseline or plain supervision."""
     from segan.config import load_config
     from segan.training import run_training
 
+    if folds is not None:
+        from segan.cv import run_cv
+
+        if resume or register:
+            raise UserError("--folds trains K new models; it does not combine with --resume or --register")
+        sys.exit(run_cv(config, folds, list(overrides), out, tracking_uri))
     cfg = load_config(config, overrides)
     result = run_training(cfg, out_dir=out, resume=resume, tracking_uri=tracking_uri, register=register)
     if result.is_main:  # under torchrun only rank 0 reports

@@ -44,6 +44,7 @@ class TrainResult:
     epochs_done: int = 0
     best_metric: float = float("nan")
     metrics: dict = field(default_factory=dict)
+    best_metrics: dict = field(default_factory=dict)  # the record of the epoch that wrote best.pt
     run_id: str | None = None
     message: str = ""
     is_main: bool = True  # rank 0 (or a plain run)
@@ -571,6 +572,8 @@ def run_training(cfg: Config, out_dir: str | Path | None = None, resume: str | P
         result.epochs_done = trainer.epoch
         result.best_metric = trainer.best_metric
         result.metrics = trainer.history[-1] if trainer.history else {}
+        scored = [h for h in trainer.history if "val_dice_mean" in h]
+        result.best_metrics = max(scored, key=lambda h: h["val_dice_mean"]) if scored else {}
     if dist.enabled:
         import torch.distributed as tdist
 

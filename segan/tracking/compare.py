@@ -28,7 +28,7 @@ from segan.tracking.meta import STOP_REASON_TAG, TRAINED_METRICS
 from segan.tracking.plots import save_compare_png
 from segan.tracking.store import open_store, short
 
-SWEEP_ROLE_TAG = "segan.role"  # "sweep" on a sweep's parent run (no metrics; compare skips it)
+SWEEP_ROLE_TAG = "segan.role"  # "sweep" / "cv" on a parent run (no val metrics; compare skips it)
 _HIGHER = ("dice", "iou", "jaccard", "precision", "sensitivity", "recall", "specificity", "accuracy",
            "samples_per_s")
 _LOWER = ("loss", "hd95", "hausdorff", "surface_distance", "error")
@@ -128,7 +128,7 @@ def _search_runs(client: MlflowClient, experiment_id: str, filter_string: str) -
     token = None
     while True:
         page = client.search_runs([experiment_id], filter_string=filter_string, max_results=1000, page_token=token)
-        yield from (r for r in page if r.data.tags.get(SWEEP_ROLE_TAG) != "sweep")
+        yield from (r for r in page if r.data.tags.get(SWEEP_ROLE_TAG) not in ("sweep", "cv"))
         token = page.token
         if not token:
             return

@@ -39,6 +39,7 @@ import torch
 from data_prep.io import CHANNEL_FILE, is_nifti, save_nifti, stem
 from segan.errors import UserError
 from segan.predictor import Predictor, resolve_model  # noqa: F401 - re-exported: segan.inference API
+from segan.qc import case_qc
 
 CSV_NAME = "predictions.csv"
 CSV_COLUMNS = ("case", "inputs", "status", "message", "seconds", "output")
@@ -85,6 +86,8 @@ class CaseResult:
     # Quality columns after the fixed ones, in insertion order (e.g. ood_score, flags,
     # volume_ml_<region>, unc_mean_<region>): filled by whoever computes them.
     extra: dict[str, str] = field(default_factory=dict)
+    # Lines for stderr (``warning: <inputs>: <line>``), not a CSV column: segan.qc's flags.
+    warnings: list[str] = field(default_factory=list)
 
     def row(self) -> dict:
         return {"case": self.case, "inputs": self.inputs, "status": self.status, "message": self.message,
@@ -213,6 +216,8 @@ def predict_case(predictor: Predictor, case: CaseInput, out: Path, opts: Predict
             save_nifti(prob_path, np.moveaxis(prob, 0, -1), affine, dtype=np.float32)
         save_nifti(mask_path, labels, affine, dtype=np.uint8)
         result.message = note
+        qc_columns, result.warnings = case_qc(predictor.meta, case.name, image, affine, labels, note)
+        result.extra.update(qc_columns)
     except UserError as exc:
         result.status, result.message, result.output = "failed", str(exc), ""
     except Exception as exc:  # noqa: BLE001 - one bad case must not end the batch
@@ -304,6 +309,8 @@ def run_predict(model: str, inputs: list[str], out: Path, opts: PredictOptions,
                 bar.write(f"failed: {result.message}", file=sys.stderr)
             elif result.message.startswith("warning:"):
                 bar.write(f"warning: {case.inputs}: {result.message[len('warning: '):]}", file=sys.stderr)
+            for line in result.warnings:
+                bar.write(f"warning: {case.inputs}: {line}", file=sys.stderr)
             bar.update(1)
 
     failed = sum(r.status == "failed" for r in results)

@@ -38,8 +38,8 @@ def trained(tmp_path_factory):
     return work, env
 
 
-def _predict(work: Path, env: dict, model: Path, inputs: str, out: str):
-    proc = run_cli("predict", "-m", model, "-i", inputs, "-o", work / out, env=env)
+def _predict(work: Path, env: dict, model: Path, inputs: list[Path], out: str):
+    proc = run_cli("predict", "-m", model, *[a for i in inputs for a in ("-i", i)], "-o", work / out, env=env)
     return proc, _rows(work / out)
 
 
@@ -55,7 +55,7 @@ def test_checkpoint_holds_the_fingerprint_and_a_threshold_above_its_own_cases(tr
 def test_ct_variant_is_out_of_distribution_and_own_cases_are_not(trained):
     work, env = trained
     model = work / "run"
-    proc, ct = _predict(work, env, model, str(work / "ct" / "imagesTr"), "pred_ct")
+    proc, ct = _predict(work, env, model, [work / "ct" / "imagesTr"], "pred_ct")
     assert proc.returncode == 0, proc.stderr[-2000:]
     assert len(ct) == 3
     for row in ct:
@@ -64,16 +64,16 @@ def test_ct_variant_is_out_of_distribution_and_own_cases_are_not(trained):
         assert float(row["ood_score"]) > float(row["ood_threshold"])
         assert f"warning: {row['inputs']}: out_of_distribution: ood score" in proc.stderr
     own_scores = torch.load(model / "best.pt", weights_only=True)["meta"]["train_fingerprint"]["ood"]["own_scores"]
-    for folder in ("imagesTr", "imagesTs"):   # training + validation cases, then the held-out test cases
-        proc, rows = _predict(work, env, model, str(work / "mr" / folder), f"pred_{folder}")
-        assert proc.returncode == 0, proc.stderr[-2000:]
-        for row in rows:
-            assert "out_of_distribution" not in row["flags"], row
-            assert float(row["ood_score"]) <= float(row["ood_threshold"])
-            assert "out_of_distribution" not in proc.stderr
-            if row["case"] in own_scores:   # the same statistics as at training time
-                assert float(row["ood_score"]) == pytest.approx(own_scores[row["case"]], abs=0.01)
-        assert float(rows[0]["volume_ml_lesion"]) >= 0
+    # training + validation cases and the held-out test cases
+    proc, rows = _predict(work, env, model, [work / "mr" / "imagesTr", work / "mr" / "imagesTs"], "pred_mr")
+    assert proc.returncode == 0, proc.stderr[-2000:]
+    assert len(rows) == 8 and "out_of_distribution" not in proc.stderr
+    for row in rows:
+        assert "out_of_distribution" not in row["flags"], row
+        assert float(row["ood_score"]) <= float(row["ood_threshold"])
+        if row["case"] in own_scores:   # the same statistics as at training time
+            assert float(row["ood_score"]) == pytest.approx(own_scores[row["case"]], abs=0.01)
+        assert float(row["volume_ml_lesion"]) >= 0
 
 
 def _scan(work: Path, name: str, data: np.ndarray, zoom: float = 1.0) -> Path:

@@ -26,7 +26,7 @@ from __future__ import annotations
 import json
 import math
 from concurrent.futures import ThreadPoolExecutor
-from dataclasses import dataclass
+from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any, Sequence
 
@@ -66,6 +66,9 @@ class DataBundle:
     # Image-only samples (``{"image": (C, *patch_size)}``), drawn beside the labelled batch for a method
     # that uses them; None without unlabelled data.
     unlabeled_set: Dataset | None = None
+    # The labelled training and validation cases as files (data_prep.msd.Case), for the
+    # checkpoint's fingerprint (segan.qc); empty for synthetic data (segan bench).
+    source_cases: list = field(default_factory=list)
 
 
 # ---------------------------------------------------------------- augmentation
@@ -404,4 +407,5 @@ def build_data(cfg: Config) -> DataBundle:
     return DataBundle(train_set=train_set, val_cases=val_cases, channels=channels,
                       region_names=list(regions), region_labels=region_labels, label_names=label_names,
                       preprocess_spec=cache.spec, datalist=datalist,
-                      dataset_name=str(datalist.get("name") or root.name), unlabeled_set=unlabeled_set)
+                      dataset_name=str(datalist.get("name") or root.name), unlabeled_set=unlabeled_set,
+                      source_cases=cases)

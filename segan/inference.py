@@ -40,6 +40,7 @@ from segan.errors import UserError
 from segan.progress import Progress
 from segan.ensemble import Ensemble
 from segan.predictor import Predictor, resolve_model  # noqa: F401 - re-exported: segan.inference API
+from segan.qc import case_qc
 
 CSV_NAME = "predictions.csv"
 CSV_COLUMNS = ("case", "inputs", "status", "message", "seconds", "output")
@@ -87,6 +88,8 @@ class CaseResult:
     # Quality columns after the fixed ones, in insertion order (e.g. ood_score, flags,
     # volume_ml_<region>, unc_mean_<region>): filled by whoever computes them.
     extra: dict[str, str] = field(default_factory=dict)
+    # Lines for stderr (``warning: <inputs>: <line>``), not a CSV column: segan.qc's flags.
+    warnings: list[str] = field(default_factory=list)
 
     def row(self) -> dict:
         return {"case": self.case, "inputs": self.inputs, "status": self.status, "message": self.message,
@@ -222,6 +225,8 @@ def predict_case(predictor: Ensemble, case: CaseInput, out: Path, opts: PredictO
             result.extra.update(uncertainty_summary(pred.unc, pred.masks, list(predictor.meta["region_names"])))
         save_nifti(mask_path, labels, affine, dtype=np.uint8)
         result.message = note
+        qc_columns, result.warnings = case_qc(predictor.meta, case.name, image, affine, labels, note)
+        result.extra.update(qc_columns)
     except UserError as exc:
         result.status, result.message, result.output = "failed", str(exc), ""
     except Exception as exc:  # noqa: BLE001 - one bad case must not end the batch
@@ -303,6 +308,8 @@ def run_predict(model: str | list[str], inputs: list[str], out: Path, opts: Pred
                 bar.write(f"failed: {result.message}")
             elif result.message.startswith("warning:"):
                 bar.write(f"warning: {case.inputs}: {result.message[len('warning: '):]}")
+            for line in result.warnings:
+                bar.write(f"warning: {case.inputs}: {line}")
             bar.done(f"{result.case} {result.status}", seconds=result.seconds)
 
     failed = sum(r.status == "failed" for r in results)

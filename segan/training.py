@@ -166,9 +166,14 @@ class Trainer:
 
     def meta(self) -> dict:
         d = self.data
+        if not hasattr(self, "_train_fingerprint"):  # computed once, when the first checkpoint is saved
+            from segan.qc import train_fingerprint
+
+            self._train_fingerprint = train_fingerprint(d, self.cfg.preprocess.cache_dir or None)
         return make_meta(channels=d.channels, region_names=d.region_names, region_labels=d.region_labels,
                          label_names=d.label_names, spatial_dims=self.cfg.data.spatial_dims,
-                         patch_size=self.cfg.data.patch_size, preprocess=d.preprocess_spec, dataset=d.dataset_name)
+                         patch_size=self.cfg.data.patch_size, preprocess=d.preprocess_spec, dataset=d.dataset_name,
+                         train_fingerprint=self._train_fingerprint)
 
     # ------------------------------------------------------------------ state
     def state_dict(self) -> dict:

@@ -78,7 +78,21 @@ class SelfAttention(nn.Module):
         return x + self.gamma * (v @ attn.transpose(1, 2)).view_as(x)
 
 
-class PatchGANDiscriminator(nn.Module):
+class LayerStack(nn.Module):
+    """A critic whose ``forward`` returns every layer's output, the logits map last
+    (the GAN objectives read ``outputs[-1]``)."""
+
+    layers: nn.ModuleList
+
+    def forward(self, x: torch.Tensor) -> list[torch.Tensor]:
+        outs = []
+        for layer in self.layers:
+            x = layer(x)
+            outs.append(x)
+        return outs
+
+
+class PatchGANDiscriminator(LayerStack):
     """pix2pix / CycleGAN ``NLayerDiscriminator``, 2D or 3D; returns every layer's output, logits last.
 
     One Conv(4, stride 2) + LeakyReLU(0.2) per width in ``channels`` (norm after all but the
@@ -102,15 +116,8 @@ class PatchGANDiscriminator(nn.Module):
         layers.append(conv(prev, 1, 4, 1, 1))
         self.layers = nn.ModuleList(layers)
 
-    def forward(self, x: torch.Tensor) -> list[torch.Tensor]:
-        outs = []
-        for layer in self.layers:
-            x = layer(x)
-            outs.append(x)
-        return outs
 
-
-class AttentionCritic(nn.Module):
+class AttentionCritic(LayerStack):
     """fastai ``gan_critic``-style discriminator; logits map last.
 
     Conv(4, stride 2) to ``channels[0]`` + Dropout(p/2); per further width: Conv(3) +
@@ -135,15 +142,8 @@ class AttentionCritic(nn.Module):
         layers.append(nn.Sequential(conv(ch, ch, 3, 1, 1), act, conv(ch, 1, 4, 1, 0)))
         self.layers = nn.ModuleList(layers)
 
-    def forward(self, x: torch.Tensor) -> list[torch.Tensor]:
-        outs = []
-        for layer in self.layers:
-            x = layer(x)
-            outs.append(x)
-        return outs
 
-
-class FCDiscriminator(nn.Module):
+class FCDiscriminator(LayerStack):
     """Hung et al. 2018 (AdvSemiSeg) fully convolutional discriminator, 2D or 3D; logits map last.
 
     One Conv(4, stride 2) + LeakyReLU(0.2) per width in ``channels`` (``norm`` after all but
@@ -164,13 +164,6 @@ class FCDiscriminator(nn.Module):
             prev = ch
         layers.append(conv(prev, 1, 4, 2, 1))
         self.layers = nn.ModuleList(layers)
-
-    def forward(self, x: torch.Tensor) -> list[torch.Tensor]:
-        outs = []
-        for layer in self.layers:
-            x = layer(x)
-            outs.append(x)
-        return outs
 
 
 def upsample_logits(logits: torch.Tensor, size: tuple[int, ...] | torch.Size) -> torch.Tensor:

@@ -1,4 +1,4 @@
-"""Validation on whole preprocessed volumes: Dice (and at the end HD95) per region."""
+"""Validation on whole preprocessed volumes: Dice, expected calibration error (and at the end HD95) per region."""
 
 from __future__ import annotations
 
@@ -10,6 +10,8 @@ import torch
 from torch import nn
 
 from segan.sliding import predict_volume
+
+ECE_BINS = 15
 
 
 @dataclass
@@ -33,8 +35,11 @@ def validate(model: nn.Module, cases: list, region_names: list[str], spatial_dim
 
     Dice uses MONAI's ``compute_dice`` with ``ignore_empty=False``: a region absent from
     both prediction and truth scores 1, a false positive on an empty truth scores 0.
+    ``val_ece_<region>``: MONAI's ``CalibrationErrorMetric`` (15 equal-width bins of the
+    region's probability over every voxel of a case, |mean truth - mean probability| weighted
+    by the bin's share of voxels), averaged over the cases.
     """
-    from monai.metrics import compute_dice, compute_hausdorff_distance
+    from monai.metrics import CalibrationErrorMetric, compute_dice, compute_hausdorff_distance
 
     was_training = model.training
     model.eval()
@@ -42,6 +47,7 @@ def validate(model: nn.Module, cases: list, region_names: list[str], spatial_dim
     hds: list[torch.Tensor] = []
     overlay = None
     per_case = {}
+    ece = CalibrationErrorMetric(num_bins=ECE_BINS, include_background=True, metric_reduction="mean_batch")
     for case in cases:
         image = torch.as_tensor(np.ascontiguousarray(case.image), device=device)
         target = torch.as_tensor(np.ascontiguousarray(case.target), device=device)
@@ -50,6 +56,7 @@ def validate(model: nn.Module, cases: list, region_names: list[str], spatial_dim
         pred = (prob > threshold).float()
         dice = compute_dice(pred[None], target[None], include_background=True, ignore_empty=False)[0]
         dices.append(dice.cpu())
+        ece(y_pred=prob[None].float(), y=target[None].float())
         per_case[case.name] = dice.cpu().tolist()
         if hd95:
             with warnings.catch_warnings():  # MONAI 1.5+ deprecation chatter from its own internals
@@ -66,6 +73,8 @@ def validate(model: nn.Module, cases: list, region_names: list[str], spatial_dim
         for name, value in zip(region_names, d.tolist()):
             metrics[f"val_dice_{name}"] = float(value)
         metrics["val_dice_mean"] = float(d.mean())
+        for name, value in zip(region_names, ece.aggregate().tolist()):
+            metrics[f"val_ece_{name}"] = float(value)
     if hds:
         h = torch.stack(hds)
         for k, name in enumerate(region_names):

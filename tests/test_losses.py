@@ -109,3 +109,25 @@ def test_segmentation_loss_batch_dice_ignores_empty_slices():
     assert batch < 0.15
     perfect = SegmentationLoss("dicebce", batch=True)((target * 2 - 1) * 20, target).item()
     assert perfect < 1e-3
+
+
+def test_validation_logs_expected_calibration_error_per_region() -> None:
+    """val_ece_<region> is the binned |mean truth - mean probability| over each case's voxels."""
+    from types import SimpleNamespace
+
+    import numpy as np
+    from torch import nn
+
+    from segan.validation import validate
+
+    class Constant(nn.Module):  # logits whose sigmoid is 0.8 everywhere for region 0, 0.1 for region 1
+        def forward(self, x: torch.Tensor) -> torch.Tensor:
+            logit = torch.logit(torch.tensor([0.8, 0.1]))
+            return logit.view(1, 2, 1, 1).expand(x.shape[0], 2, *x.shape[2:]).clone()
+
+    target = np.zeros((2, 8, 8, 4), dtype=np.float32)
+    target[0, :4] = 1.0  # half of region 0 is foreground: |0.5 - 0.8| = 0.3; region 1 empty: |0 - 0.1|
+    case = SimpleNamespace(name="c", image=np.zeros((1, 8, 8, 4), np.float32), target=target)
+    metrics = validate(Constant(), [case], ["a", "b"], 2, [8, 8], torch.device("cpu")).metrics
+    assert metrics["val_ece_a"] == pytest.approx(0.3, abs=1e-5)
+    assert metrics["val_ece_b"] == pytest.approx(0.1, abs=1e-5)

@@ -31,7 +31,7 @@ from segan.tracking.store import open_store, short
 SWEEP_ROLE_TAG = "segan.role"  # "sweep" / "cv" on a parent run (no val metrics; compare skips it)
 _HIGHER = ("dice", "iou", "jaccard", "precision", "sensitivity", "recall", "specificity", "accuracy",
            "samples_per_s")
-_LOWER = ("loss", "hd95", "hausdorff", "surface_distance", "error")
+_LOWER = ("loss", "hd95", "hausdorff", "surface_distance", "error", "ece")
 _KEY_PARAMS = ("seed", "model.segmentor", "data.spatial_dims", "train.epochs")
 
 

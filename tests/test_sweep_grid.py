@@ -35,6 +35,9 @@ def test_grid_parsing_and_cells():
         parse_grid(["optim.lr=1", "optim.lr=2"])
     with pytest.raises(UserError, match="also given with --set"):
         parse_grid(["optim.lr=1,2"], ["optim.lr=3"])
+    proc = run_cli("sweep", "-c", SMOKE, "--methods", "supervised", "--set-grid", "seed=1,2")
+    assert proc.returncode == 2 and proc.stderr.strip().splitlines() == [
+        "error: --set-grid 'seed=1,2': seed is set by --seeds; use that option instead"]
     # mean and sample std over seeds per (method, value); failed children are left out
     results = [ChildResult("bce", s, {"data.labeled_cases": n}, "r", 0, d)
                for s, n, d in [(0, "2", 0.5), (1, "2", 0.7), (0, "4", 0.8)]]

@@ -80,9 +80,7 @@ def _components(mask: np.ndarray) -> int:
 
 
 def _case_fingerprint(case: _Case, label_ids: list[int]) -> tuple[dict, list[dict[str, np.ndarray]]]:
-    """One case's JSON row and its intensity samples per channel (``fg``, ``body``, ``all``)."""
-    import nibabel as nib
-
+    """One case's JSON row and its intensity samples per channel (``fg``, ``body``)."""
     from data_prep.io import ScanError, load_image, load_label
 
     image, affine = load_image(case.images)              # (C, X, Y, Z), scaling applied
@@ -90,7 +88,24 @@ def _case_fingerprint(case: _Case, label_ids: list[int]) -> tuple[dict, list[dic
     if label.shape != image.shape[1:]:
         raise ScanError(f"{case.label}: label shape {label.shape} differs from the image shape "
                         f"{image.shape[1:]}; run `segan prepare check` on the data set")
-    rng = np.random.default_rng(zlib.crc32(case.name.encode()))
+    return case_statistics(case.name, image, affine, label, label_ids)
+
+
+def case_statistics(name: str, image: np.ndarray, affine: np.ndarray, label: np.ndarray,
+                    label_ids: list[int]) -> tuple[dict, list[dict[str, np.ndarray]]]:
+    """The fingerprint row of one case held in memory, and its intensity samples per channel.
+
+    Args:
+        name: the case name; it seeds the intensity sampling (the same case gives the same row).
+        image: ``(C, X, Y, Z)`` raw intensities (scaling applied, before any normalisation).
+        affine: the ``(4, 4)`` voxel-to-world matrix.
+        label: ``(X, Y, Z)`` integer label map on the image's grid (a prediction works too:
+            :mod:`segan.qc` describes predicted cases with this function).
+        label_ids: ``[0, id1, id2, ...]``; 0 stands for the whole foreground (label > 0).
+    """
+    import nibabel as nib
+
+    rng = np.random.default_rng(zlib.crc32(name.encode()))
     spacing = np.round(np.linalg.norm(affine[:3, :3], axis=0), 5)   # float32 headers: 0.69999999 -> 0.7
     ras_axis = nib.orientations.io_orientation(affine)[:, 0].astype(int)   # RAS axis of each array axis
     shape_ras, spacing_ras = [0] * 3, [0.0] * 3
@@ -119,7 +134,7 @@ def _case_fingerprint(case: _Case, label_ids: list[int]) -> tuple[dict, list[dic
         mask = label == lid if lid > 0 else fg
         labels[str(lid) if lid > 0 else "foreground"] = {"volume_ml": int(mask.sum()) * voxel_ml,
                                                           "components": _components(mask)}
-    row = {"case": case.name, "shape": [int(s) for s in image.shape[1:]], "spacing": [float(s) for s in spacing],
+    row = {"case": name, "shape": [int(s) for s in image.shape[1:]], "spacing": [float(s) for s in spacing],
            "orientation": "".join(nib.aff2axcodes(affine)), "shape_ras": shape_ras, "spacing_ras": spacing_ras,
            "channels": channels, "labels": labels, "foreground_fraction": float(fg.mean()),
            "body_fraction": float(body.mean())}
@@ -242,24 +257,47 @@ def load_fingerprint(source: str | Path, cache_file: str | Path | None = None,
     Recomputed when any file's path, size or mtime changed, the settings changed, or
     ``refresh``; a cache that cannot be written is not an error (the result is returned).
     """
-    from segan.io_utils import atomic_write_text
-
     name, root, channel_names, labels, cases, default_cache = _source(Path(source))
     cache = Path(cache_file) if cache_file else default_cache
-    key = _cache_key(cases) if cases else ""
-    if cases and not refresh and cache.is_file():
+    fp, from_cache = _cached(cache, _cache_key(cases) if cases else "", refresh,
+                             lambda: compute_fingerprint(name, root, channel_names, labels, cases))
+    return fp, cache, from_cache
+
+
+def fingerprint_of_cases(name: str, root: str, channel_names: list[str], label_names: dict[int, str],
+                         cases: list, cache_dir: str | Path | None = None) -> dict:
+    """The fingerprint of exactly ``cases`` (objects with ``name``, ``images``, ``label``, e.g.
+    :class:`data_prep.msd.Case`): what a training run read, its split and channels as given.
+
+    Cached like :func:`load_fingerprint`, in ``CACHE_DIR/fingerprints/cases-<key>.json``
+    (``CACHE_DIR``: ``cache_dir`` or ``$SEGAN_CACHE``), keyed by every file and the labels.
+    """
+    from data_prep.cache import default_cache_dir
+
+    key = hashlib.sha256(json.dumps([_cache_key(cases) if cases else "", name, list(channel_names),
+                                     sorted((int(k), str(v)) for k, v in label_names.items())]).encode()).hexdigest()
+    cache = Path(cache_dir or default_cache_dir()) / "fingerprints" / f"cases-{key[:16]}.json"
+    return _cached(cache, key, False, lambda: compute_fingerprint(name, root, channel_names, label_names, cases))[0]
+
+
+def _cached(cache: Path, key: str, refresh: bool, compute) -> tuple[dict, bool]:
+    """``(fingerprint, from cache)``: the cache file when it holds ``key``, else ``compute()``
+    written there (a cache that cannot be written is not an error)."""
+    from segan.io_utils import atomic_write_text
+
+    if key and not refresh and cache.is_file():
         try:
             stored = json.loads(cache.read_text())
             if stored.get("key") == key:
-                return stored["fingerprint"], cache, True
+                return stored["fingerprint"], True
         except (OSError, ValueError, AttributeError):
             pass  # unreadable cache: recompute and replace it
-    fp = compute_fingerprint(name, root, channel_names, labels, cases)
+    fp = compute()
     try:
         atomic_write_text(cache, json.dumps({"key": key, "fingerprint": fp}) + "\n")
     except OSError:
         pass
-    return fp, cache, False
+    return fp, False
 
 
 def format_fingerprint(fp: dict, cache: Path, from_cache: bool) -> str:

@@ -22,13 +22,16 @@ FORMAT = "segan-checkpoint/1"
 
 def make_meta(*, channels: list[str], region_names: list[str], region_labels: list[list[int]],
               label_names: dict[int, str], spatial_dims: int, patch_size: list[int],
-              preprocess: dict, dataset: str) -> dict:
+              preprocess: dict, dataset: str, train_fingerprint: dict | None = None) -> dict:
     """What inference needs besides the weights.
 
     ``region_labels[k]`` lists the label ids that output channel k covers (phantoms:
     whole = [1,2,3], core = [2,3], enhancing = [3]); :func:`segan.regions.regions_to_labels`
-    paints them back into one label map.
+    paints them back into one label map. ``train_fingerprint`` (:func:`segan.qc.train_fingerprint`:
+    the training cases' statistics, region volumes and the calibrated OOD reference) is
+    stored when given; checkpoints without it predict without ``ood_score``.
     """
+    extra = {"train_fingerprint": train_fingerprint} if train_fingerprint else {}
     return {
         "channels": list(channels),
         "region_names": list(region_names),
@@ -38,6 +41,7 @@ def make_meta(*, channels: list[str], region_names: list[str], region_labels: li
         "patch_size": list(map(int, patch_size)),
         "preprocess": preprocess,
         "dataset": dataset,
+        **extra,
     }
 
 

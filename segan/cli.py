@@ -27,10 +27,45 @@ class Choice(click.Choice):
         return super().get_invalid_choice_message(value, ctx).rstrip(".") + did_you_mean(value, self.choices) + "."
 
 
-@click.group(context_settings={"help_option_names": ["-h", "--help"], "max_content_width": 100})
+def _verbose(ctx: click.Context, param: click.Parameter, value: bool) -> None:
+    from segan.progress import configure_logging
+
+    if value or ctx.parent is None:  # the group sets the quiet default; a command's -v can only add
+        configure_logging(value)
+
+
+def _verbose_option() -> click.Option:
+    return click.Option(["-v", "--verbose"], is_flag=True, expose_value=False, is_eager=True, callback=_verbose,
+                        help="Also show MLflow's INFO lines (database set-up, run URLs) and segan's own.")
+
+
+class Command(click.Command):
+    """Every command takes ``-v/--verbose`` (``segan train -v`` as well as ``segan -v train``)."""
+
+    def __init__(self, *args, **kwargs) -> None:
+        super().__init__(*args, **kwargs)
+        self.params.append(_verbose_option())
+
+
+class Group(click.Group):
+    """Takes ``-v`` itself, and makes its commands and sub-groups (prepare, cache) take it."""
+
+    command_class = Command
+    group_class = type
+
+    def __init__(self, *args, **kwargs) -> None:
+        super().__init__(*args, **kwargs)
+        self.params.append(_verbose_option())
+
+
+@click.group(cls=Group, context_settings={"help_option_names": ["-h", "--help"], "max_content_width": 100})
 @click.version_option(__version__, prog_name="segan")
 def cli() -> None:
-    """Adversarial medical-image segmentation: SegAN and classic GAN baselines."""
+    """Adversarial medical-image segmentation: SegAN and classic GAN baselines.
+
+    Logs: progress bars on a terminal, one line per epoch or case in a file or pipe; MLflow's
+    INFO lines only with -v (README: Logs).
+    """
 
 
 # ---------------------------------------------------------------- prepare
@@ -134,12 +169,20 @@ def plan(data: str, out: str, method: str, dims: str, device: str, memory_gb: fl
 @click.option("--resume", type=click.Path(), help="Checkpoint (last.pt) or run folder to continue.")
 @click.option("--tracking-uri", help="MLflow tracking URI [$MLFLOW_TRACKING_URI or ./mlflow_runs].")
 @click.option("--register", metavar="NAME", help="Register the best segmentor in the MLflow model registry.")
+@click.option("--folds", type=click.IntRange(2, None), default=None,
+              help="K-fold cross-validation: K fold models as child runs of one parent run; OUT is an ensemble.")
 def train(config: str, overrides: tuple[str, ...], out: str | None, resume: str | None,
-          tracking_uri: str | None, register: str | None) -> None:
+          tracking_uri: str | None, register: str | None, folds: int | None) -> None:
     """Train a segmentor with SegAN, a GAN baseline or plain supervision."""
     from segan.config import load_config
     from segan.training import run_training
 
+    if folds is not None:
+        from segan.cv import run_cv
+
+        if resume or register:
+            raise UserError("--folds trains K new models; it does not combine with --resume or --register")
+        sys.exit(run_cv(config, folds, list(overrides), out, tracking_uri))
     cfg = load_config(config, overrides)
     result = run_training(cfg, out_dir=out, resume=resume, tracking_uri=tracking_uri, register=register)
     if result.is_main:  # under torchrun only rank 0 reports
@@ -165,27 +208,32 @@ def describe(config: str, overrides: tuple[str, ...], in_channels: int | None) -
 
 # ---------------------------------------------------------------- inference
 @cli.command()
-@click.option("-m", "--model", "model", required=True,
-              help="Checkpoint, training folder, runs:/<id>/... or models:/<name>/<version>.")
+@click.option("-m", "--model", "models", required=True, multiple=True,
+              help="Checkpoint, training folder, cv folder (cv.json), runs:/<id>/... or models:/<name>/<version>; "
+                   "repeat to average an ensemble.")
 @click.option("-i", "--input", "inputs", required=True, multiple=True, help="File, folder or glob.")
 @click.option("-o", "--out", "out", type=click.Path(file_okay=False), required=True)
 @click.option("--tta", is_flag=True, help="Average predictions over flips.")
 @click.option("--probabilities", is_flag=True, help="Also write float32 probability maps.")
+@click.option("--uncertainty", is_flag=True,
+              help="Also write <case>_unc maps (member variance, or entropy for one member) and unc_* CSV columns.")
 @click.option("--device", default="auto", show_default=True)
 @click.option("--sw-batch", type=click.IntRange(1, None), default=None, help="Sliding-window batch size.")
 @click.option("--overlap", type=click.FloatRange(0.0, 0.95), default=None, help="Sliding-window overlap.")
 @click.option("--overwrite", is_flag=True, help="Replace existing outputs.")
 @click.option("--continue", "resume", is_flag=True, help="Skip inputs whose output exists.")
 @click.option("--tracking-uri", help="MLflow tracking URI for runs:/ and models:/ URIs.")
-def predict(model: str, inputs: tuple[str, ...], out: str, tta: bool, probabilities: bool, device: str,
-            sw_batch: int | None, overlap: float | None, overwrite: bool, resume: bool,
-            tracking_uri: str | None) -> None:
+@click.option("--report", is_flag=True, help="Also write OUT/report.html (QC page; README: QC report).")
+def predict(models: tuple[str, ...], inputs: tuple[str, ...], out: str, tta: bool, probabilities: bool,
+            uncertainty: bool, device: str, sw_batch: int | None, overlap: float | None, overwrite: bool,
+            resume: bool, tracking_uri: str | None, report: bool) -> None:
     """Segment scans; masks keep each input's exact shape and affine."""
     from segan.inference import PredictOptions, run_predict
 
     opts = PredictOptions(tta=tta, probabilities=probabilities, device=device, sw_batch=sw_batch,
-                          overlap=overlap, overwrite=overwrite, resume=resume)
-    sys.exit(run_predict(model, list(inputs), Path(out), opts, tracking_uri=tracking_uri))
+                          overlap=overlap, overwrite=overwrite, resume=resume, uncertainty=uncertainty,
+                          report=report)
+    sys.exit(run_predict(list(models), list(inputs), Path(out), opts, tracking_uri=tracking_uri))
 
 
 @cli.command()
@@ -285,6 +333,11 @@ def bench(config: str, overrides: tuple[str, ...], device: str, steps: int, json
 
     click.echo(run_bench(config, overrides=list(overrides), device=device, steps=steps,
                          json_out=Path(json_out) if json_out else None))
+
+
+from segan.report.command import report_command  # noqa: E402 - after the group it joins
+
+cli.add_command(report_command)
 
 
 def main() -> None:

@@ -78,7 +78,7 @@ class ModelConfig:
     num_res_units: int = 1
     norm: str = "instance"  # instance | batch (instance: 2D slice batches mix cases and empty slices)
     dropout: float = 0.0
-    critic: str = "segan"  # segan | patchgan | attention | none (set by the method family)
+    critic: str = "segan"  # segan | patchgan | attention | fcn | none (set by the method family)
     critic_channels: list[int] = field(default_factory=lambda: [64, 128, 256])
     critic_norm: str = "batch"  # batch | instance | none
     spectral_norm: bool = False
@@ -102,6 +102,12 @@ class MethodConfig:
     w_consistency: float = 1.0  # meanteacher: weight of the student-teacher MSE on unlabelled images
     consistency_rampup_epochs: float = 5.0  # meanteacher: sigmoid ramp-up of w_consistency (Laine & Aila)
     consistency_noise: float = 0.1  # meanteacher: std of the Gaussian noise on the teacher's input
+    w_adv_unlabeled: float = 0.001  # advsemi: adversarial weight on the unlabelled batch (the code's lambda_semi_adv)
+    w_semi: float = 0.1  # advsemi: weight of the confidence-masked self-training BCE on unlabelled voxels
+    semi_threshold: float = 0.2  # advsemi: a voxel joins the self-training loss where D's confidence > this
+    semi_warmup_epochs: float = 10.0  # advsemi: epochs before the self-training term (the code: 5000 of 20000 steps)
+    critic_image: bool = False  # advsemi: the discriminator also sees the image (the paper: the mask only)
+    w_semi_fm: float = 0.0  # segan: weight of the critic-feature matching x_u*S(x_u) vs x*y (0 = off)
 
 
 @dataclass
@@ -138,7 +144,7 @@ class TrainConfig:
     deterministic: bool = False
     threads: Optional[int] = None
     log_every: int = 10  # fetch losses from the device every N steps (no per-step sync)
-    progress: bool = True
+    progress: bool = True  # a step bar on a terminal (one line per epoch is always written)
 
 
 @dataclass
@@ -178,7 +184,7 @@ CHOICES: dict[str, tuple[str, ...]] = {
     "preprocess.normalize": ("zscore", "percentile", "ct", "none"),
     "model.segmentor": ("unet", "basicunet", "dynunet"),
     "model.norm": ("batch", "instance"),
-    "model.critic": ("segan", "patchgan", "attention", "none"),
+    "model.critic": ("segan", "patchgan", "attention", "fcn", "none"),
     "model.critic_norm": ("batch", "instance", "none"),
     "method.seg_loss": ("dice", "dicebce"),
     "method.l1_weighting": ("paper", "reference"),
@@ -277,6 +283,8 @@ def _check_choices(cfg: Config) -> None:
     for key, value in positive.items():
         if value < 1:
             raise UserError(f"config key '{key}' must be at least 1, got {value}")
+    if not 0.0 <= cfg.method.semi_threshold <= 1.0:
+        raise UserError(f"config key 'method.semi_threshold' is a confidence in [0, 1], got {cfg.method.semi_threshold}")
 
 
 def parse_override(text: str) -> tuple[list[str], Any]:

@@ -26,7 +26,7 @@ from __future__ import annotations
 import json
 import math
 from concurrent.futures import ThreadPoolExecutor
-from dataclasses import dataclass
+from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any, Sequence
 
@@ -38,6 +38,7 @@ from data_prep.cache import default_cache_dir
 from data_prep.preprocess import CachedCase, CaseCache, spec_from_config
 from segan.config import AugmentConfig, Config
 from segan.errors import UserError, did_you_mean
+from segan.progress import track
 from segan.regions import default_regions, labels_to_regions
 
 
@@ -65,6 +66,9 @@ class DataBundle:
     # Image-only samples (``{"image": (C, *patch_size)}``), drawn beside the labelled batch for a method
     # that uses them; None without unlabelled data.
     unlabeled_set: Dataset | None = None
+    # The labelled training and validation cases as files (data_prep.msd.Case), for the
+    # checkpoint's fingerprint (segan.qc); empty for synthetic data (segan bench).
+    source_cases: list = field(default_factory=list)
 
 
 # ---------------------------------------------------------------- augmentation
@@ -362,8 +366,6 @@ def _split_unlabeled(cfg: Config, datalist: dict) -> tuple[list[dict], list[dict
 
 def build_data(cfg: Config) -> DataBundle:
     """Data list -> file checks -> preprocessed (cached) cases -> training sample set and validation volumes."""
-    from tqdm import tqdm
-
     from data_prep.cache import enforce_limit
     from data_prep.msd import entry_case
 
@@ -387,8 +389,8 @@ def build_data(cfg: Config) -> DataBundle:
         spec["channels"] = indices
     cache = CaseCache(cache_dir, spec)
     with ThreadPoolExecutor(max(1, cfg.data.num_workers)) as pool:  # NIfTI decoding and resampling release the GIL
-        cached = list(tqdm(pool.map(cache.get, cases + cases_u), total=len(cases) + len(cases_u),
-                           desc="preprocess", unit="case", disable=None, leave=False))
+        cached = list(track(pool.map(cache.get, cases + cases_u), len(cases) + len(cases_u), "preprocess", "case",
+                            lines=False))  # a bar on a terminal; nothing in a batch log
     cached, cached_u = cached[:len(cases)], cached[len(cases):]
     enforce_limit(cache_dir, keep=[c.path for c in cached + cached_u])
     train_cached, val_cached = cached[:len(train_entries)], cached[len(train_entries):]
@@ -405,4 +407,5 @@ def build_data(cfg: Config) -> DataBundle:
     return DataBundle(train_set=train_set, val_cases=val_cases, channels=channels,
                       region_names=list(regions), region_labels=region_labels, label_names=label_names,
                       preprocess_spec=cache.spec, datalist=datalist,
-                      dataset_name=str(datalist.get("name") or root.name), unlabeled_set=unlabeled_set)
+                      dataset_name=str(datalist.get("name") or root.name), unlabeled_set=unlabeled_set,
+                      source_cases=cases)

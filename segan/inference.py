@@ -5,7 +5,8 @@ replay the checkpoint's preprocessing (``data_prep.preprocess.Preprocessor``) ->
 prediction (``segan.predictor.Predictor``, the one implementation also behind
 validation and the MLflow pyfunc: 2D slice batches or 3D Gaussian sliding window, optional
 flip TTA, bf16 AMP on CUDA) -> probabilities resampled back onto the scan's grid
-(bilinear, ``Preprocessor.invert``) -> threshold and post-processing per region
+(bilinear, ``Preprocessor.invert``) -> averaged over the models of ``-m`` (``segan.ensemble``:
+one model is an ensemble of one; ``--uncertainty`` maps) -> threshold and post-processing per region
 (``segan.postprocess``) -> regions painted back to the data set's label ids
 (``segan.regions.regions_to_labels``) -> ``OUTDIR/<case>.nii.gz`` with the input's affine.
 
@@ -25,9 +26,7 @@ from __future__ import annotations
 import csv
 import glob
 import io
-import json
 import os
-import sys
 import time
 from collections import defaultdict
 from dataclasses import dataclass, field
@@ -38,7 +37,10 @@ import torch
 
 from data_prep.io import CHANNEL_FILE, is_nifti, save_nifti, stem
 from segan.errors import UserError
+from segan.progress import Progress
+from segan.ensemble import Ensemble
 from segan.predictor import Predictor, resolve_model  # noqa: F401 - re-exported: segan.inference API
+from segan.qc import case_qc
 
 CSV_NAME = "predictions.csv"
 CSV_COLUMNS = ("case", "inputs", "status", "message", "seconds", "output")
@@ -56,6 +58,8 @@ class PredictOptions:
     overlap: float | None = None
     overwrite: bool = False
     resume: bool = False
+    report: bool = False  # also write OUTDIR/report.html (segan.report)
+    uncertainty: bool = False  # also <case>_unc.nii.gz and unc_* columns (segan.ensemble)
 
 
 @dataclass
@@ -84,6 +88,8 @@ class CaseResult:
     # Quality columns after the fixed ones, in insertion order (e.g. ood_score, flags,
     # volume_ml_<region>, unc_mean_<region>): filled by whoever computes them.
     extra: dict[str, str] = field(default_factory=dict)
+    # Lines for stderr (``warning: <inputs>: <line>``), not a CSV column: segan.qc's flags.
+    warnings: list[str] = field(default_factory=list)
 
     def row(self) -> dict:
         return {"case": self.case, "inputs": self.inputs, "status": self.status, "message": self.message,
@@ -182,14 +188,15 @@ def _replace_nonfinite(image: np.ndarray, where: str) -> tuple[np.ndarray, str]:
     return image, f"warning: {count} NaN/inf voxels replaced by their channel's minimum"
 
 
-def predict_case(predictor: Predictor, case: CaseInput, out: Path, opts: PredictOptions) -> CaseResult:
+def predict_case(predictor: Ensemble, case: CaseInput, out: Path, opts: PredictOptions) -> CaseResult:
     """Predict one case into ``out``; never raises for a bad file (the result says what went wrong)."""
     from data_prep.io import load_image
 
     start = time.perf_counter()
     mask_path = out / f"{case.name}.nii.gz"
     prob_path = out / f"{case.name}_prob.nii.gz"
-    wanted = [mask_path] + ([prob_path] if opts.probabilities else [])
+    unc_path = out / f"{case.name}_unc.nii.gz"
+    wanted = [mask_path] + ([prob_path] if opts.probabilities else []) + ([unc_path] if opts.uncertainty else [])
     result = CaseResult(case.name, case.inputs, "ok", output=str(mask_path))
     try:
         if case.problem:
@@ -207,11 +214,19 @@ def predict_case(predictor: Predictor, case: CaseInput, out: Path, opts: Predict
             raise UserError(f"{case.inputs}: has {image.shape[0]} channel(s); the model expects {len(channels)} "
                             f"({', '.join(channels)}) as one 4D file or {stem(case.paths[0])}_0000.. channel files")
         image, note = _replace_nonfinite(image, case.inputs)
-        labels, prob = predictor.predict(image, affine, tta=opts.tta)
+        pred = predictor.predict(image, affine, tta=opts.tta, uncertainty=opts.uncertainty)
+        labels, prob = pred.labels, pred.prob
         if opts.probabilities:  # written before the mask: a present mask means a finished case
             save_nifti(prob_path, np.moveaxis(prob, 0, -1), affine, dtype=np.float32)
+        if pred.unc is not None:
+            from segan.ensemble import uncertainty_summary
+
+            save_nifti(unc_path, np.moveaxis(pred.unc, 0, -1), affine, dtype=np.float32)
+            result.extra.update(uncertainty_summary(pred.unc, pred.masks, list(predictor.meta["region_names"])))
         save_nifti(mask_path, labels, affine, dtype=np.uint8)
         result.message = note
+        qc_columns, result.warnings = case_qc(predictor.meta, case.name, image, affine, labels, note)
+        result.extra.update(qc_columns)
     except UserError as exc:
         result.status, result.message, result.output = "failed", str(exc), ""
     except Exception as exc:  # noqa: BLE001 - one bad case must not end the batch
@@ -249,23 +264,11 @@ def _partial_csv(out: Path, rank: int) -> Path:
     return out / f".predictions.rank{rank}.csv"
 
 
-def _model_info(source: str, path: Path, meta: dict) -> str:
-    info = {"model": source, "checkpoint": str(path), "dataset": meta.get("dataset"),
-            "channels": meta["channels"], "regions": dict(zip(meta["region_names"], meta["region_labels"])),
-            "labels": {str(k): v for k, v in meta.get("label_names", {}).items()}}
-    return json.dumps(info, indent=2) + "\n"
-
-
-def _progress(total: int, enabled: bool):
-    from tqdm import tqdm
-
-    # disable=None: a bar (with ETA) on a terminal, nothing when stderr is a file or a pipe.
-    return tqdm(total=total, desc="predict", unit="case", file=sys.stderr, disable=None if enabled else True)
-
-
-def run_predict(model: str, inputs: list[str], out: Path, opts: PredictOptions,
+def run_predict(model: str | list[str], inputs: list[str], out: Path, opts: PredictOptions,
                 tracking_uri: str | None = None) -> int:
     """``segan predict``: exit status 0 if every case is ok or skipped, 1 if any failed.
+
+    ``model``: one ``-m`` value or several (an ensemble, :mod:`segan.ensemble`).
 
     Usage errors (no model, no input matched, output folder = an input folder) raise
     :class:`UserError` (exit 2) before anything is written.
@@ -279,9 +282,9 @@ def run_predict(model: str, inputs: list[str], out: Path, opts: PredictOptions,
     cases = find_cases(list(inputs))
     check_output_dir(out, cases)
     world, rank = int(os.environ.get("WORLD_SIZE", "1")), int(os.environ.get("RANK", "0"))
-    ckpt_path = resolve_model(model, tracking_uri)
+    models = [model] if isinstance(model, str) else list(model)
     device = resolve_device(opts.device, int(os.environ.get("LOCAL_RANK", "0")))
-    predictor = Predictor.from_checkpoint(ckpt_path, device, sw_batch=opts.sw_batch, overlap=opts.overlap)
+    predictor = Ensemble.load(models, device, sw_batch=opts.sw_batch, overlap=opts.overlap, tracking_uri=tracking_uri)
     out.mkdir(parents=True, exist_ok=True)
 
     dist = None
@@ -291,19 +294,23 @@ def run_predict(model: str, inputs: list[str], out: Path, opts: PredictOptions,
         if not dist.is_initialized():
             dist.init_process_group("gloo")  # only a barrier and one sum: gloo works on CPU and GPU hosts
     if rank == 0:
-        atomic_write_text(out / MODEL_INFO_NAME, _model_info(model, ckpt_path, predictor.meta))
+        atomic_write_text(out / MODEL_INFO_NAME, predictor.info(
+            models, predictor.uncertainty_kind(opts.tta) if opts.uncertainty else None))
 
     mine = cases[rank::world]
     results: list[CaseResult] = []
-    with _progress(len(mine), enabled=rank == 0) as bar:
+    # A bar with ETA on a terminal; one line per case when stderr is a file or a pipe.
+    with Progress(len(mine), "predict", "case", enabled=rank == 0, leave=True) as bar:
         for case in mine:
             result = predict_case(predictor, case, out, opts)
             results.append(result)
             if result.status == "failed":
-                bar.write(f"failed: {result.message}", file=sys.stderr)
+                bar.write(f"failed: {result.message}")
             elif result.message.startswith("warning:"):
-                bar.write(f"warning: {case.inputs}: {result.message[len('warning: '):]}", file=sys.stderr)
-            bar.update(1)
+                bar.write(f"warning: {case.inputs}: {result.message[len('warning: '):]}")
+            for line in result.warnings:
+                bar.write(f"warning: {case.inputs}: {line}")
+            bar.done(f"{result.case} {result.status}", seconds=result.seconds)
 
     failed = sum(r.status == "failed" for r in results)
     if dist is None:
@@ -328,4 +335,8 @@ def run_predict(model: str, inputs: list[str], out: Path, opts: PredictOptions,
             counts[r.status] = counts.get(r.status, 0) + 1
         print(f"{counts['ok']} predicted, {counts['skipped']} skipped, {counts['failed']} failed "
               f"-> {out / CSV_NAME}")
+        if opts.report:
+            from segan.report import write_predictions_report
+
+            print(f"QC report -> {write_predictions_report(out)}")
     return 1 if failed else 0

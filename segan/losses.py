@@ -1,4 +1,4 @@
-"""Losses: SegAN's multi-scale L1, GAN objectives, and Dice-based segmentation losses.
+"""Losses: SegAN's multi-scale L1 and feature matching, GAN objectives, Dice-based segmentation losses.
 
 All losses take logits where a probability would be unsafe under autocast
 (BCE-with-logits, never sigmoid + BCELoss). GAN targets are expanded to the
@@ -47,6 +47,36 @@ def multiscale_l1(fake: list[torch.Tensor], real: list[torch.Tensor], weighting:
         total = total + w * diff
         count += f.numel()
     return total / count
+
+
+def feature_matching(fake: list[torch.Tensor], real: list[torch.Tensor], feature_norm: bool = False,
+                     real_weight: torch.Tensor | None = None, eps: float = 1e-6) -> torch.Tensor:
+    """Multi-scale feature matching of batch statistics (s4GAN, Mittal et al. 2019, per scale).
+
+    ``fake``, ``real``: feature stacks (lists of ``(M, C_i, *s_i)`` and ``(N, C_i, *s_i)``;
+    the batch sizes may differ). Per scale, each channel's mean over the batch and the
+    positions, then the mean absolute difference of those ``C_i`` means; the mean over
+    scales. ``feature_norm`` divides each scale by ``mean|mu_f| + mean|mu_r|`` (detached),
+    as :func:`multiscale_l1` does, which bounds it in [0, 1]. ``real_weight`` ``(N,)``: the
+    real items' weights in their mean (e.g. 0/1 to keep some; all zero counts every item).
+    """
+    if real_weight is not None:
+        w = real_weight.float()
+        w = torch.where(w.sum() > 0, w, torch.ones_like(w))  # no item kept: all of them (no host sync)
+        w = w / w.sum()
+    terms = []
+    for f, r in zip(fake, real):
+        dims = [0, *range(2, f.dim())]
+        mu_f = f.mean(dim=dims)  # (C_i,)
+        if real_weight is None:
+            mu_r = r.mean(dim=dims)
+        else:
+            mu_r = (r.mean(dim=dims[1:]) * w[:, None]).sum(0)
+        term = (mu_f - mu_r).abs().mean()
+        if feature_norm:
+            term = term / _scale(mu_f, mu_r, eps)
+        terms.append(term)
+    return torch.stack(terms).mean()
 
 
 def _scale(f: torch.Tensor, r: torch.Tensor, eps: float) -> torch.Tensor:

@@ -37,6 +37,7 @@ import numpy as np
 
 from data_prep.io import nifti_files, stem
 from segan.errors import UserError
+from segan.progress import Progress
 
 METRICS = ("dice", "iou", "hd95", "precision", "sensitivity")
 
@@ -198,7 +199,7 @@ def check_not_swapped(pred: Path, gt: Path, other_args: list[str]) -> None:
         from data_prep.io import load_label
 
         values: set[int] = set()
-        masks = [p for name, p in _files_by_stem(gt).items() if not name.endswith("_prob")]
+        masks = [p for name, p in _files_by_stem(gt).items() if not name.endswith(("_prob", "_unc"))]
         for path in masks[:3]:  # a few masks settle it
             try:
                 values.update(int(v) for v in np.unique(load_label(path)[0]) if v > 0)
@@ -228,7 +229,7 @@ def evaluate_folders(pred: Path, gt: Path, regions: str | None = None) -> tuple[
     gt_files = _files_by_stem(gt)
     if not gt_files:
         raise UserError(f"{gt}: holds no .nii/.nii.gz label maps; pass -g with a folder of ground-truth masks")
-    pred_files = {k: v for k, v in _files_by_stem(pred).items() if not k.endswith("_prob")}
+    pred_files = {k: v for k, v in _files_by_stem(pred).items() if not k.endswith(("_prob", "_unc"))}
 
     truths: dict[str, tuple[np.ndarray, np.ndarray] | str] = {}
     found: set[int] = set()
@@ -241,33 +242,38 @@ def evaluate_folders(pred: Path, gt: Path, regions: str | None = None) -> tuple[
     resolved = resolve_regions(regions, pred, gt, found)
 
     results: list[CaseMetrics] = []
-    for name, truth in truths.items():
-        if isinstance(truth, str):
-            results.append(CaseMetrics(name, "failed", truth))
-            continue
-        label, affine = truth
-        spacing = np.linalg.norm(affine[:3, :3], axis=0)
-        worst = failed_values(resolved, _worst_distance(label.shape, spacing))
-        if name not in pred_files:
-            results.append(CaseMetrics(name, "failed", f"{pred / (name + '.nii.gz')}: prediction missing", worst))
-            continue
-        try:
-            mask, pred_affine = load_label(pred_files[name])
-        except UserError as exc:
-            results.append(CaseMetrics(name, "failed", f"prediction unreadable: {exc}", worst))
-            continue
-        if mask.shape != label.shape:
-            results.append(CaseMetrics(name, "failed", f"{pred_files[name]}: shape {mask.shape} differs from the "
-                                       f"ground truth's {label.shape}; predict on the ground truth's grid", worst))
-            continue
-        if not np.allclose(pred_affine, affine, atol=1e-3):
-            results.append(CaseMetrics(name, "failed", f"{pred_files[name]}: affine differs from the ground "
-                                       "truth's; the mask is not on the scan's grid", worst))
-            continue
-        results.append(CaseMetrics(name, "ok", "", case_metrics(mask, label, resolved, spacing)))
+    with Progress(len(truths), "evaluate", "case") as bar:  # a bar on a terminal, else one line per case
+        for name, truth in truths.items():
+            results.append(_score_case(name, truth, pred, pred_files.get(name), resolved))
+            bar.done(f"{name} {results[-1].status}")
     for name in sorted(set(pred_files) - set(gt_files)):
         results.append(CaseMetrics(name, "skipped", f"{pred_files[name]}: no ground truth in {gt}"))
     return results, resolved
+
+
+def _score_case(name: str, truth: tuple[np.ndarray, np.ndarray] | str, pred: Path, pred_file: Path | None,
+                resolved: dict[str, list[int]]) -> CaseMetrics:
+    """One ground-truth case against its prediction (``pred_file``, None when missing)."""
+    from data_prep.io import load_label
+
+    if isinstance(truth, str):
+        return CaseMetrics(name, "failed", truth)
+    label, affine = truth
+    spacing = np.linalg.norm(affine[:3, :3], axis=0)
+    worst = failed_values(resolved, _worst_distance(label.shape, spacing))
+    if pred_file is None:
+        return CaseMetrics(name, "failed", f"{pred / (name + '.nii.gz')}: prediction missing", worst)
+    try:
+        mask, pred_affine = load_label(pred_file)
+    except UserError as exc:
+        return CaseMetrics(name, "failed", f"prediction unreadable: {exc}", worst)
+    if mask.shape != label.shape:
+        return CaseMetrics(name, "failed", f"{pred_file}: shape {mask.shape} differs from the "
+                           f"ground truth's {label.shape}; predict on the ground truth's grid", worst)
+    if not np.allclose(pred_affine, affine, atol=1e-3):
+        return CaseMetrics(name, "failed", f"{pred_file}: affine differs from the ground "
+                           "truth's; the mask is not on the scan's grid", worst)
+    return CaseMetrics(name, "ok", "", case_metrics(mask, label, resolved, spacing))
 
 
 def summarize(results: list[CaseMetrics], regions: dict[str, list[int]]) -> dict[str, float]:

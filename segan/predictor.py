@@ -89,9 +89,11 @@ class Predictor:
     def spatial_dims(self) -> int:
         return int(self.meta["spatial_dims"])
 
-    def probabilities(self, batch: np.ndarray | torch.Tensor, tta: bool = False) -> torch.Tensor:
+    def probabilities(self, batch: np.ndarray | torch.Tensor, tta: bool = False,
+                      per_flip: bool = False) -> torch.Tensor:
         """Preprocessed float32 ``(N, C, H, W)`` (2D) or ``(N, C, X, Y, Z)`` (3D) -> probabilities
-        ``(N, K, *spatial)`` float32 on the predictor's device (see :func:`segan.sliding.predict_batch`)."""
+        ``(N, K, *spatial)`` float32 on the predictor's device, or ``(N, F, K, *spatial)`` with
+        ``per_flip`` (one per TTA flip; see :func:`segan.sliding.predict_batch`)."""
         from segan.sliding import predict_batch
 
         x = torch.as_tensor(np.ascontiguousarray(batch, dtype=np.float32) if isinstance(batch, np.ndarray)
@@ -103,7 +105,8 @@ class Predictor:
         if x.shape[0] == 0:
             return torch.zeros((0, len(self.meta["region_names"]), *x.shape[2:]), device=self.device)
         return predict_batch(self.model, x.to(self.device), self.spatial_dims, list(self.meta["patch_size"]),
-                             sw_batch_size=self.sw_batch, overlap=self.overlap, tta=tta, amp=self.amp)
+                             sw_batch_size=self.sw_batch, overlap=self.overlap, tta=tta, amp=self.amp,
+                             per_flip=per_flip)
 
     def masks(self, batch: np.ndarray | torch.Tensor, tta: bool = False) -> np.ndarray:
         """Like :meth:`probabilities`, thresholded at ``post.threshold``: uint8 ``(N, K, *spatial)``.
@@ -113,20 +116,37 @@ class Predictor:
         """
         return (self.probabilities(batch, tta) > self.post.threshold).to(torch.uint8).cpu().numpy()
 
+    def scan_probabilities(self, image: np.ndarray, affine: np.ndarray, tta: bool = False,
+                           per_flip: bool = False) -> np.ndarray:
+        """``image`` ``(C, X, Y, Z)`` on its own grid (``affine``) -> probabilities ``(K, X, Y, Z)``
+        float32 in [0, 1] on that same grid (``(F, K, X, Y, Z)`` with ``per_flip``, one per TTA flip).
+
+        Replays the checkpoint's preprocessing, predicts, and resamples the probabilities back
+        (bilinear, :meth:`data_prep.preprocess.Preprocessor.invert`)."""
+        case = self.preprocessor(image, affine)
+        x = torch.from_numpy(np.ascontiguousarray(case.image, dtype=np.float32))
+        if self.spatial_dims == 2:  # axial slices (Z, C, X, Y) through the batch path, back to (.., K, X, Y, Z)
+            prob = self.probabilities(x.permute(3, 0, 1, 2), tta, per_flip)
+            prob = prob.permute(*range(1, prob.ndim), 0)
+        else:
+            prob = self.probabilities(x[None], tta, per_flip)[0]
+        prob = prob.contiguous().cpu().numpy()
+        lead = prob.shape[:-3]  # (K,) or (F, K)
+        # Interpolate probabilities, not masks, then threshold: boundaries stay smooth on the scan's grid.
+        prob = self.preprocessor.invert(prob.reshape(-1, *prob.shape[-3:]), case, mode="bilinear")
+        return np.clip(prob, 0.0, 1.0).reshape(*lead, *prob.shape[1:])
+
+    def region_masks(self, prob: np.ndarray) -> np.ndarray:
+        """``(K, X, Y, Z)`` probabilities on the scan's grid -> boolean region masks ``(K, X, Y, Z)``
+        (threshold and the connected-component steps of ``post``, :func:`segan.postprocess.postprocess`)."""
+        from segan.postprocess import postprocess
+
+        return postprocess(prob, self.post)
+
     def predict(self, image: np.ndarray, affine: np.ndarray, tta: bool = False) -> tuple[np.ndarray, np.ndarray]:
         """``image`` ``(C, X, Y, Z)`` on its own grid (``affine``) -> (labels ``(X, Y, Z)`` uint8,
         probabilities ``(K, X, Y, Z)`` float32), both on that same grid."""
-        from segan.postprocess import postprocess
         from segan.regions import regions_to_labels
 
-        case = self.preprocessor(image, affine)
-        x = torch.from_numpy(np.ascontiguousarray(case.image, dtype=np.float32))
-        if self.spatial_dims == 2:  # axial slices (Z, C, X, Y) through the batch path, back to (K, X, Y, Z)
-            prob = self.probabilities(x.permute(3, 0, 1, 2), tta).permute(1, 2, 3, 0)
-        else:
-            prob = self.probabilities(x[None], tta)[0]
-        # Interpolate probabilities, not masks, then threshold: boundaries stay smooth on the scan's grid.
-        prob = self.preprocessor.invert(prob.contiguous().cpu().numpy(), case, mode="bilinear")
-        prob = np.clip(prob, 0.0, 1.0)
-        labels = regions_to_labels(postprocess(prob, self.post), self.meta["region_labels"])
-        return labels, prob
+        prob = self.scan_probabilities(image, affine, tta)
+        return regions_to_labels(self.region_masks(prob), self.meta["region_labels"]), prob

@@ -20,7 +20,7 @@ from segan.runtime import autocast
 @torch.no_grad()
 def predict_batch(model: nn.Module, batch: torch.Tensor, spatial_dims: int, roi_size: list[int] | None = None,
                   sw_batch_size: int = 4, overlap: float = 0.5, tta: bool = False, amp: bool = False,
-                  slice_batch: int = 32) -> torch.Tensor:
+                  slice_batch: int = 32, per_flip: bool = False) -> torch.Tensor:
     """Probabilities ``(N, K, *spatial)`` float32 for a preprocessed batch ``(N, C, *spatial)``.
 
     ``spatial`` is ``(H, W)`` for 2D models (whole slices, ``slice_batch`` at a time; the
@@ -28,6 +28,8 @@ def predict_batch(model: nn.Module, batch: torch.Tensor, spatial_dims: int, roi_
     ``roi_size``, clipped to the input). ``batch`` should already be on the model's device;
     ``amp`` turns on bf16 autocast on it (callers decide with :func:`segan.runtime.amp_enabled`).
     ``tta`` averages over every combination of flips of the spatial axes (4 passes in 2D, 8 in 3D).
+    ``per_flip`` returns each flip's probabilities instead of their mean: ``(N, F, K, *spatial)``
+    (``F`` = 1 without ``tta``); blending is linear, so their mean is the ``tta`` result.
     """
     device = batch.device
     flips: list[tuple[int, ...]] = [()]
@@ -35,25 +37,31 @@ def predict_batch(model: nn.Module, batch: torch.Tensor, spatial_dims: int, roi_
         axes = list(range(2, 2 + spatial_dims))
         flips = [c for r in range(len(axes) + 1) for c in itertools.combinations(axes, r)]
 
-    def run(x: torch.Tensor) -> torch.Tensor:  # (n, C, *s) -> probabilities (n, K, *s)
-        total = None
+    def run(x: torch.Tensor) -> torch.Tensor:  # (n, C, *s) -> (n, K, *s), or (n, F * K, *s) per flip
+        total, each = None, []
         for dims in flips:
             xf = x.flip(dims) if dims else x
             with autocast(device, amp):
                 logits = model(xf)
             prob = torch.sigmoid(logits.float())
             prob = prob.flip(dims) if dims else prob
-            total = prob if total is None else total + prob
-        return total / len(flips)
+            if per_flip:
+                each.append(prob)
+            else:
+                total = prob if total is None else total + prob
+        return torch.cat(each, 1) if per_flip else total / len(flips)
+
+    def split(prob: torch.Tensor) -> torch.Tensor:  # (N, F * K, *s) -> (N, F, K, *s) when per_flip
+        return prob.reshape(prob.shape[0], len(flips), -1, *prob.shape[2:]) if per_flip else prob
 
     if spatial_dims == 2:
-        return torch.cat([run(batch[i:i + slice_batch]) for i in range(0, batch.shape[0], slice_batch)])
+        return split(torch.cat([run(batch[i:i + slice_batch]) for i in range(0, batch.shape[0], slice_batch)]))
     from monai.inferers import sliding_window_inference
 
     roi = list(roi_size or batch.shape[2:])
     roi = [min(r, s) for r, s in zip(roi, batch.shape[2:])]
     prob = sliding_window_inference(batch, roi, sw_batch_size, run, overlap=overlap, mode="gaussian")
-    return torch.as_tensor(prob).float()
+    return split(torch.as_tensor(prob).float())
 
 
 def predict_volume(model: nn.Module, image: torch.Tensor, spatial_dims: int, roi_size: list[int] | None = None,

@@ -20,6 +20,7 @@ from pathlib import Path
 from typing import Sequence
 
 from segan.errors import UserError, did_you_mean
+from segan.progress import Progress
 
 
 def parse_list(text: str, what: str) -> list[str]:
@@ -127,13 +128,17 @@ def run_sweep(config: str, methods: str, seeds: str, overrides: list[str], track
     failed: list[tuple[str, int, int]] = []
     results: list[ChildResult] = []
     status = "FINISHED"
+    runs = Progress(len(children), "[sweep] run", bar=False)  # one line per child, with its seconds and ETA
     try:
         for i, (method, seed, cell, cfg) in enumerate(children, 1):
             where = "".join(f", {k}={v}" for k, v in cell.items())
-            print(f"[sweep] {i}/{len(children)}: {method}, seed {seed}{where}", file=sys.stderr, flush=True)
+            runs.write(f"[sweep] {i}/{len(children)}: {method}, seed {seed}{where}")
             result = run_training(cfg, out_dir=None, resume=None, tracking_uri=tracking_uri, register=None,
                                   parent_run_id=parent.run_id)
-            print(f"[sweep] {method}, seed {seed}{where}: {result.summary()}", file=sys.stderr, flush=True)
+            first, *more = result.summary().splitlines()  # an error message follows on its own line
+            runs.done(f"{method}, seed {seed}{where}: {first}")
+            for line in more:
+                runs.write(line)
             best = result.best_metric if result.best_metric is not None and result.best_metric > -1e30 else None
             results.append(ChildResult(method, seed, dict(cell), cfg.run_name or "", result.exit_code, best,
                                        result.run_id))

@@ -30,6 +30,7 @@ from segan.config import Config, dump_yaml, to_dict
 from segan.errors import TrainingDiverged
 from segan.methods import METHODS, Step, fused_pass_is_exact
 from segan.optim import ProgressSchedule, build_optimizer
+from segan.progress import Progress
 from segan.runtime import (DistContext, amp_enabled, autocast, init_distributed, resolve_device, rng_state,
                            seed_everything, set_rng_state)
 from segan.validation import validate
@@ -43,6 +44,7 @@ class TrainResult:
     epochs_done: int = 0
     best_metric: float = float("nan")
     metrics: dict = field(default_factory=dict)
+    best_metrics: dict = field(default_factory=dict)  # the record of the epoch that wrote best.pt
     run_id: str | None = None
     message: str = ""
     is_main: bool = True  # rank 0 (or a plain run)
@@ -164,9 +166,14 @@ class Trainer:
 
     def meta(self) -> dict:
         d = self.data
+        if not hasattr(self, "_train_fingerprint"):  # computed once, when the first checkpoint is saved
+            from segan.qc import train_fingerprint
+
+            self._train_fingerprint = train_fingerprint(d, self.cfg.preprocess.cache_dir or None)
         return make_meta(channels=d.channels, region_names=d.region_names, region_labels=d.region_labels,
                          label_names=d.label_names, spatial_dims=self.cfg.data.spatial_dims,
-                         patch_size=self.cfg.data.patch_size, preprocess=d.preprocess_spec, dataset=d.dataset_name)
+                         patch_size=self.cfg.data.patch_size, preprocess=d.preprocess_spec, dataset=d.dataset_name,
+                         train_fingerprint=self._train_fingerprint)
 
     # ------------------------------------------------------------------ state
     def state_dict(self) -> dict:
@@ -277,6 +284,9 @@ class Trainer:
         reason = "epochs"
         self._budget = (deadline, budget_s)
         self._seconds_before, self._fit_start = self.train_seconds(), time.monotonic()
+        # One line per epoch on rank 0, terminal or log file alike; train.progress is the step bar.
+        epochs = Progress(cfg.train.epochs, "epoch", enabled=self.dist.is_main, bar=False, initial=self.epoch,
+                          deadline=deadline)
         while self.epoch < cfg.train.epochs:
             for dataset, shard in streams:
                 dataset.set_epoch(self.epoch)
@@ -301,10 +311,19 @@ class Trainer:
                 self.save("best.pt")
             self.save("last.pt")
             self.tracker.log_metrics({k: v for k, v in record.items() if k != "epoch"}, step=self.epoch)
+            epochs.done(self._epoch_summary(record, improved))
             if out_of_time:
                 reason = "time budget"
                 break
         return reason
+
+    def _epoch_summary(self, record: dict, improved: bool) -> str:
+        """``seg 0.412, adv 0.693, critic -0.690, val_dice_mean 0.7312 (best)``: one epoch in a log line."""
+        parts = [f"{name.removeprefix('loss_')} {record[name]:.4g}" for name in self.loss_names
+                 if name in record and (name != "loss_critic" or self.critic is not None)]
+        if "val_dice_mean" in record:
+            parts.append(f"val_dice_mean {record['val_dice_mean']:.4f}" + (" (best)" if improved else ""))
+        return ", ".join(parts)
 
     def train_seconds(self) -> float:
         """Wall-clock seconds spent in :meth:`fit` so far, over every session of this run."""
@@ -350,8 +369,10 @@ class Trainer:
         totals, count, seen = [0.0] * len(names), 0, 0
         out_of_time = False
         start = time.perf_counter()
-        bar = _progress(self.steps_per_epoch, f"epoch {self.epoch + 1}/{cfg.train.epochs}",
-                        cfg.train.progress and self.dist.is_main)
+        # A bar on a terminal only: a batch log gets the one line per epoch that fit() writes.
+        bar = Progress(self.steps_per_epoch, f"epoch {self.epoch + 1}/{cfg.train.epochs}", "step",
+                       enabled=cfg.train.progress and self.dist.is_main, lines=False)
+        postfix = None
         batches = _cycle(loader)
         batches_u = _cycle(loader_u) if loader_u is not None else None
         for i in range(self.steps_per_epoch):
@@ -375,15 +396,12 @@ class Trainer:
                 totals = [t + v * n for t, v in zip(totals, values)]
                 count += n
                 window.zero_()
-                if bar is not None:
-                    bar.set_postfix({name.removeprefix("loss_"): f"{v:.3f}" for name, v in zip(names, values)})
+                postfix = {name.removeprefix("loss_"): f"{v:.3f}" for name, v in zip(names, values)}
                 out_of_time = self._out_of_time(deadline)
-            if bar is not None:
-                bar.update(1)
+            bar.update(1, postfix)
             if out_of_time:
                 break
-        if bar is not None:
-            bar.close()
+        bar.close()
         elapsed = time.perf_counter() - start
         stats = {name: totals[k] / max(count, 1) for k, name in enumerate(names)}
         stats["samples_per_s"] = seen * self.dist.world_size / max(elapsed, 1e-9)
@@ -489,14 +507,6 @@ def _log_stop(tracker, trainer: Trainer | None, reason: str) -> None:
         tracker.log_stop(reason, trainer.epoch, trainer.step, trainer.train_seconds())
 
 
-def _progress(total: int, desc: str, enabled: bool):
-    if not enabled:
-        return None
-    from tqdm import tqdm
-
-    return tqdm(total=total, desc=desc, leave=False, dynamic_ncols=True, mininterval=1.0, file=sys.stderr)
-
-
 def run_training(cfg: Config, out_dir: str | Path | None = None, resume: str | Path | None = None,
                  tracking_uri: str | None = None, register: str | None = None,
                  parent_run_id: str | None = None) -> TrainResult:
@@ -567,6 +577,8 @@ def run_training(cfg: Config, out_dir: str | Path | None = None, resume: str | P
         result.epochs_done = trainer.epoch
         result.best_metric = trainer.best_metric
         result.metrics = trainer.history[-1] if trainer.history else {}
+        scored = [h for h in trainer.history if "val_dice_mean" in h]
+        result.best_metrics = max(scored, key=lambda h: h["val_dice_mean"]) if scored else {}
     if dist.enabled:
         import torch.distributed as tdist
 

@@ -1,4 +1,4 @@
-"""Shared test helpers: the CLI as a real subprocess, and a small phantom data set."""
+"""Shared test helpers: the CLI as a real subprocess, small phantom data sets, the smoke config."""
 
 from __future__ import annotations
 
@@ -10,6 +10,25 @@ from pathlib import Path
 import pytest
 
 REPO = Path(__file__).resolve().parents[1]
+SMOKE = REPO / "configs" / "smoke.yaml"
+
+
+def make_phantoms(factory: pytest.TempPathFactory, name: str, size: int, seed: int, cases: int = 6,
+                  test_fraction: float = 0.34) -> Path:
+    """A phantom set in MSD layout under a fresh temporary folder (for module-scoped fixtures)."""
+    from data_prep.phantoms import generate
+
+    out = factory.mktemp(name) / "phantoms"
+    generate(out, cases=cases, size=size, seed=seed, test_fraction=test_fraction)
+    return out
+
+
+def smoke_config(root: str | Path, tmp_path: Path, *extra: str):
+    """``configs/smoke.yaml`` on ``root``, its cache under ``tmp_path``, no tracking, then ``extra`` overrides."""
+    from segan.config import load_config
+
+    return load_config(SMOKE, [f"data.root={root}", f"preprocess.cache_dir={tmp_path / 'cache'}",
+                               "tracking.enabled=false", *extra])
 
 
 def run_cli(*args: object, cwd: str | Path | None = None, env: dict[str, str] | None = None,

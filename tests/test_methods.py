@@ -127,7 +127,7 @@ def _critic_step(cfg, method, critic, batch, fused: bool):
     return loss.detach(), grads, [b.clone() for b in critic.buffers()]
 
 
-CASES = [(m, c, n) for m in GAN_METHODS for c in (("segan",) if m == "segan" else ("patchgan", "attention"))
+CASES = [(m, c, n) for m in GAN_METHODS for c in METHODS[m].family.allowed["model.critic"][0]
          for n in ("batch", "instance", "none")]
 
 

@@ -7,30 +7,21 @@ import numpy as np
 import pytest
 import torch
 
-from segan.config import load_config
 from segan.data import _split_unlabeled, build_data
 from segan.errors import UserError
 from segan.runtime import DistContext
 from segan.training import Trainer
-from tests.conftest import run_cli
-
-ROOT = Path(__file__).resolve().parents[1]
-SMOKE = ROOT / "configs" / "smoke.yaml"
+from tests.conftest import SMOKE, make_phantoms, run_cli, smoke_config
 
 
 @pytest.fixture(scope="module")
 def phantoms(tmp_path_factory):
-    from data_prep.phantoms import generate
-
-    out = tmp_path_factory.mktemp("semi") / "phantoms"
-    generate(out, cases=6, size=32, seed=5, test_fraction=0.34)
-    return out
+    return make_phantoms(tmp_path_factory, "semi", size=32, seed=5)
 
 
 def _cfg(root, tmp_path, *extra):
-    return load_config(SMOKE, [f"data.root={root}", f"preprocess.cache_dir={tmp_path / 'cache'}",
-                               "tracking.enabled=false", "data.patch_size=[32, 32]", "train.epochs=1",
-                               "train.steps_per_epoch=2", "train.batch_size=2", "train.val_max_cases=1", *extra])
+    return smoke_config(root, tmp_path, "data.patch_size=[32, 32]", "train.epochs=1", "train.steps_per_epoch=2",
+                        "train.batch_size=2", "train.val_max_cases=1", *extra)
 
 
 def _unlabelled_folder(phantoms: Path, tmp_path: Path) -> Path:

@@ -1,11 +1,9 @@
 """The training engine: every method trains in 2D and 3D, resume is exact, guards hold."""
 
-import os
 import signal
 import subprocess
 import sys
 import time
-from pathlib import Path
 
 import nibabel as nib
 import numpy as np
@@ -17,23 +15,15 @@ from segan.errors import UserError
 from segan.methods import METHODS
 from segan.runtime import DistContext
 from segan.training import Trainer, adversarial_weight, run_training
-
-ROOT = Path(__file__).resolve().parents[1]
-SMOKE = ROOT / "configs" / "smoke.yaml"
+from tests.conftest import SMOKE, make_phantoms, smoke_config
 
 
 @pytest.fixture(scope="module")
 def phantoms(tmp_path_factory):
-    from data_prep.phantoms import generate
-
-    out = tmp_path_factory.mktemp("ph") / "phantoms"
-    generate(out, cases=6, size=40, seed=3, test_fraction=0.34)
-    return out
+    return make_phantoms(tmp_path_factory, "ph", size=40, seed=3)
 
 
-def _cfg(phantoms, tmp_path, *extra):
-    return load_config(SMOKE, [f"data.root={phantoms}", f"preprocess.cache_dir={tmp_path / 'cache'}",
-                               "tracking.enabled=false", *extra])
+_cfg = smoke_config
 
 
 def _params(module):

@@ -2,11 +2,11 @@
 
 ``base`` holds the contract and :class:`Family` (the settings a method owns); one module
 per family registers its methods: ``supervised``, ``segan``, ``patchgan`` (bce, lsgan,
-hinge, wgangp), ``meanteacher``.
+hinge, wgangp), ``meanteacher``, ``advsemi``.
 """
 
 # Registration order is the order users see in messages and help: SegAN first.
-from segan.methods import segan, patchgan, supervised, meanteacher  # noqa: F401,I001  (registers the methods)
+from segan.methods import segan, patchgan, supervised, meanteacher, advsemi  # noqa: F401,I001  (registers the methods)
 from segan.methods.base import METHODS, Family, Method, Step, Term, family_keys, fused_pass_is_exact, register
 from segan.methods.segan import masked_images
 

@@ -134,9 +134,10 @@ class Method:
     has_critic: ClassVar[bool] = False
     family: ClassVar[Family] = Family()
     # Whether the loop draws and segments an unlabelled batch for this method (when the data has one).
+    # A method may make this and loss_names properties of its config (segan: only with w_semi_fm > 0).
     uses_unlabeled: ClassVar[bool] = False
     # The segmentor terms logged every epoch, in this order (a term off in a step counts 0). Every method
-    # logs loss_seg and loss_adv, so runs of different methods compare alike.
+    # logs loss_seg and loss_adv, so runs of different methods compare alike. A weight-0 term is logged only.
     loss_names: ClassVar[tuple[str, ...]] = ("loss_seg", "loss_adv")
 
     def __init__(self, cfg: Config, in_channels: int, n_regions: int) -> None:

@@ -1,4 +1,5 @@
-"""Critics: SegAN's multi-scale feature critic, the PatchGAN discriminator, an attention critic.
+"""Critics: SegAN's multi-scale feature critic, the PatchGAN discriminator, an attention critic,
+and AdvSemiSeg's fully convolutional discriminator.
 
 Every critic maps ``(N, C_in, *spatial)`` to a list of tensors. The SegAN critic returns
 its features per scale ``[x, block_1(x), ..., block_L(x)]``; the discriminators return
@@ -142,10 +143,57 @@ class AttentionCritic(nn.Module):
         return outs
 
 
+class FCDiscriminator(nn.Module):
+    """Hung et al. 2018 (AdvSemiSeg) fully convolutional discriminator, 2D or 3D; logits map last.
+
+    One Conv(4, stride 2) + LeakyReLU(0.2) per width in ``channels`` (``norm`` after all but
+    the first; the paper uses none), then a Conv(4, stride 2) classifier to one logit per
+    position: ``(N, C_in, *s) -> (N, 1, *s / 2**(L+1))``. The paper's widths are
+    ``[64, 128, 256, 512]``. The method upsamples the map to the mask's size
+    (:func:`confidence_logits`), as the reference code does outside the network.
+    """
+
+    def __init__(self, dims: int, in_channels: int, channels: list[int], norm: str = "none") -> None:
+        super().__init__()
+        conv = _conv(dims)
+        layers: list[nn.Module] = []
+        prev = in_channels
+        for i, ch in enumerate(channels):
+            layers.append(nn.Sequential(conv(prev, ch, 4, 2, 1, bias=norm != "batch" or i == 0),
+                                        _norm("none" if i == 0 else norm, dims, ch), nn.LeakyReLU(0.2, inplace=True)))
+            prev = ch
+        layers.append(conv(prev, 1, 4, 2, 1))
+        self.layers = nn.ModuleList(layers)
+
+    def forward(self, x: torch.Tensor) -> list[torch.Tensor]:
+        outs = []
+        for layer in self.layers:
+            x = layer(x)
+            outs.append(x)
+        return outs
+
+
+def upsample_logits(logits: torch.Tensor, size: tuple[int, ...] | torch.Size) -> torch.Tensor:
+    """A logits map ``(N, 1, *s')`` resized to ``size`` (bilinear in 2D, trilinear in 3D,
+    ``align_corners=False``), in float32."""
+    mode = "bilinear" if logits.dim() == 4 else "trilinear"
+    return nn.functional.interpolate(logits.float(), size=tuple(size), mode=mode, align_corners=False)
+
+
+def confidence_logits(critic: nn.Module, x: torch.Tensor) -> torch.Tensor:
+    """A discriminator's logits map upsampled to the input's size: ``(N, C_in, *s) -> (N, 1, *s)`` float32.
+
+    ``sigmoid`` of it is AdvSemiSeg's per-voxel confidence map. Works with any critic whose
+    last output is a one-channel logits map (``fcn``, ``patchgan``, ``attention``).
+    """
+    return upsample_logits(critic(x)[-1], x.shape[2:])
+
+
 CRITICS: dict[str, Callable[..., nn.Module]] = {
     "segan": lambda dims, c_in, cfg: SegANCritic(dims, c_in, cfg.critic_channels, cfg.critic_norm),
     "patchgan": lambda dims, c_in, cfg: PatchGANDiscriminator(dims, c_in, cfg.critic_channels, cfg.critic_norm),
     "attention": lambda dims, c_in, cfg: AttentionCritic(dims, c_in, cfg.critic_channels),
+    "fcn": lambda dims, c_in, cfg: FCDiscriminator(dims, c_in, cfg.critic_channels, cfg.critic_norm),
 }
 
 

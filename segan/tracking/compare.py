@@ -28,7 +28,7 @@ from segan.tracking.meta import STOP_REASON_TAG, TRAINED_METRICS
 from segan.tracking.plots import save_compare_png
 from segan.tracking.store import open_store, short
 
-SWEEP_ROLE_TAG = "segan.role"  # "sweep" on a sweep's parent run (no metrics; compare skips it)
+SWEEP_ROLE_TAG = "segan.role"  # "sweep" / "cv" on a parent run (no val metrics; compare skips it)
 _HIGHER = ("dice", "iou", "jaccard", "precision", "sensitivity", "recall", "specificity", "accuracy",
            "samples_per_s")
 _LOWER = ("loss", "hd95", "hausdorff", "surface_distance", "error")
@@ -128,7 +128,7 @@ def _search_runs(client: MlflowClient, experiment_id: str, filter_string: str) -
     token = None
     while True:
         page = client.search_runs([experiment_id], filter_string=filter_string, max_results=1000, page_token=token)
-        yield from (r for r in page if r.data.tags.get(SWEEP_ROLE_TAG) != "sweep")
+        yield from (r for r in page if r.data.tags.get(SWEEP_ROLE_TAG) not in ("sweep", "cv"))
         token = page.token
         if not token:
             return
@@ -180,7 +180,8 @@ def _fmt_duration(seconds: float | None) -> str:
     return f"{hours}h{minutes:02d}m" if hours else f"{minutes}m{sec:02d}s"
 
 
-def _sort_rows(rows: list[RunRow], metric: str) -> list[RunRow]:
+def sort_rows(rows: list[RunRow], metric: str) -> list[RunRow]:
+    """Best ``metric`` first (its goal decides the direction); runs without it last."""
     sign = 1.0 if metric_goal(metric) == "min" else -1.0
     return sorted(rows, key=lambda r: (metric not in r.metrics, sign * r.metrics.get(metric, 0.0), r.run_name))
 
@@ -256,7 +257,7 @@ def run_compare(experiments: list[str], metric: str = "val_dice_mean", group_by:
         raise UserError(f"metric {metric!r} is not logged by any run in {where}{did_you_mean(metric, known)}; "
                         "logged metrics: "
                         f"{', '.join(known) or 'none'}")
-    rows = _sort_rows(rows, metric)
+    rows = sort_rows(rows, metric)
     if plot is not None and rows:
         save_compare_png(Path(plot), rows, metric, group_stats(rows, [metric], _by_method(group_by)))
     if fmt == "json":
@@ -285,8 +286,22 @@ def _csv(rows: list[RunRow]) -> str:
     return buf.getvalue().rstrip("\n")
 
 
-def _report(rows: list[RunRow], metric: str, group_by: str, title: str, markdown: bool) -> str:
-    """The runs table (``metric`` first, then the other validation metrics), then mean ± std per group."""
+@dataclass
+class CompareTables:
+    """What ``segan compare`` shows, as cells (rendered as text, markdown or HTML by the caller).
+
+    ``runs``: ``(caption, header, body)`` of the runs table; ``groups``: the same for
+    mean ± std per group (``None`` when no run FINISHED); ``notes``: lines after them.
+    """
+
+    runs: tuple[str, list[str], list[list[str]]]
+    groups: tuple[str, list[str], list[list[str]]] | None
+    notes: list[str]
+
+
+def compare_tables(rows: list[RunRow], metric: str, group_by: str, title: str) -> CompareTables:
+    """The runs table (``metric`` first, then the other validation metrics), then mean ± std per group;
+    ``rows`` sorted (:func:`sort_rows`)."""
     shown = [metric] + sorted({k for r in rows for k in r.metrics if k.startswith("val_") and k != metric})
     extra_group = [] if group_by == "method" else [group_by]
     header = ["run_id", "run_name", "method", *extra_group, "seed", "segmentor", *shown, "epochs", "steps",
@@ -296,7 +311,7 @@ def _report(rows: list[RunRow], metric: str, group_by: str, title: str, markdown
              "-" if r.steps_done is None else str(r.steps_done), r.stop_reason or "-",
              _fmt_duration(r.train_seconds), r.status] for r in rows]
     goal = {"max": "higher is better", "min": "lower is better", "last": "last value"}[metric_goal(metric)]
-    parts = [f"{title}, best value per run, sorted by {metric} ({goal}):", "", _render_table(header, body, markdown)]
+    tables = CompareTables((f"{title}, best value per run, sorted by {metric} ({goal}):", header, body), None, [])
     by_method = _by_method(group_by)
     stats = group_stats(rows, [k for k in shown if k.startswith(("val_dice", metric))] or [metric], by_method)
     if stats:
@@ -307,14 +322,26 @@ def _report(rows: list[RunRow], metric: str, group_by: str, title: str, markdown
                    stopped_summary([r for r in finished if r.group == s["group"]
                                     and (not by_method or r.method == s["method"])])] for s in stats]
         per = f"method and {group_by}" if by_method else group_by
-        parts += ["", f"Mean ± std per {per} over FINISHED runs (seeds):", "",
-                  _render_table([*(["method"] if by_method else []), group_by, "runs", *keys, "stopped"], g_body,
-                                markdown)]
+        tables.groups = (f"Mean ± std per {per} over FINISHED runs (seeds):",
+                         [*(["method"] if by_method else []), group_by, "runs", *keys, "stopped"], g_body)
     others = sum(r.status != "FINISHED" for r in rows)
     if others:
-        parts += ["", f"{others} run(s) not FINISHED are listed above but not averaged."]
+        tables.notes.append(f"{others} run(s) not FINISHED are listed above but not averaged.")
     note = stop_reason_note(rows)
     if note:
+        tables.notes.append(note)
+    return tables
+
+
+def _report(rows: list[RunRow], metric: str, group_by: str, title: str, markdown: bool) -> str:
+    """:func:`compare_tables` as text."""
+    tables = compare_tables(rows, metric, group_by, title)
+    caption, header, body = tables.runs
+    parts = [caption, "", _render_table(header, body, markdown)]
+    if tables.groups:
+        caption, header, body = tables.groups
+        parts += ["", caption, "", _render_table(header, body, markdown)]
+    for note in tables.notes:
         parts += ["", note]
     return "\n".join(parts)
 

@@ -279,13 +279,17 @@ def compare(experiments: tuple[str, ...], metric: str, group_by: str, fmt: str, 
 @click.option("--methods", default="segan,bce,lsgan,supervised", show_default=True)
 @click.option("--seeds", default="0,1,2", show_default=True)
 @click.option("--set", "overrides", multiple=True, metavar="KEY=VALUE", help=_SET_HELP)
+@click.option("--set-grid", "grid", multiple=True, metavar="KEY=V1,V2",
+              help="Also sweep a config key over these values, e.g. --set-grid data.labeled_cases=2,4,8 "
+                   "(repeatable: the cartesian product); a numeric key ends with a Dice-vs-value plot.")
 @click.option("--tracking-uri", default=None)
-def sweep(config: str, methods: str, seeds: str, overrides: tuple[str, ...], tracking_uri: str | None) -> None:
-    """Train every method x seed as child runs of one parent run, then compare."""
+def sweep(config: str, methods: str, seeds: str, overrides: tuple[str, ...], grid: tuple[str, ...],
+          tracking_uri: str | None) -> None:
+    """Train every method x seed (x grid cell) as child runs of one parent run, then compare."""
     from segan.sweep import run_sweep
 
     sys.exit(run_sweep(config, methods=methods, seeds=seeds, overrides=list(overrides),
-                       tracking_uri=tracking_uri))
+                       tracking_uri=tracking_uri, grid=list(grid)))
 
 
 # ---------------------------------------------------------------- cache

@@ -133,7 +133,7 @@ def test_all_experiments_and_one_sweep(store):
                                            parent_run_id=store["sweep"]))
     assert [r["run_id"] for r in only] == [store["child"]]
     by_status = tracking.run_compare(["cmp"], "val_dice_mean", "status", "table", None, store["uri"])
-    assert "Mean ± std per status" in by_status
+    assert "Mean ± std per method and status" in by_status
 
 
 def test_user_errors_are_one_line(store, tmp_path):

@@ -76,7 +76,7 @@ def experiment_html(experiment: str, metric: str = "val_dice_mean", group_by: st
                     tracking_uri: str | None = None, max_runs: int = 24) -> tuple[str, int]:
     """The page of ``experiment`` and its number of runs."""
     from segan.errors import UserError
-    from segan.tracking.compare import collect_runs, compare_tables, group_stats, sort_rows
+    from segan.tracking.compare import _by_method, collect_runs, compare_tables, group_stats, sort_rows
     from segan.tracking.plots import save_compare_png
     from segan.tracking.store import mlflow_globals, open_store
 
@@ -96,7 +96,7 @@ def experiment_html(experiment: str, metric: str = "val_dice_mean", group_by: st
         else:
             sections.append(_tables_html(compare_tables(rows, metric, group_by, f"Runs in {experiment}")))
             figure = tmp / "compare.png"
-            save_compare_png(figure, rows, metric, group_stats(rows, [metric]))
+            save_compare_png(figure, rows, metric, group_stats(rows, [metric], _by_method(group_by)))
             sections.append(f"<h2>{esc(metric)} per epoch and per {esc(group_by)}</h2>"
                             + img(figure.read_bytes(), f"{metric} per epoch"))
         efficiency = []

@@ -186,20 +186,42 @@ def sort_rows(rows: list[RunRow], metric: str) -> list[RunRow]:
     return sorted(rows, key=lambda r: (metric not in r.metrics, sign * r.metrics.get(metric, 0.0), r.run_name))
 
 
-def group_stats(rows: list[RunRow], metrics: list[str]) -> list[dict[str, Any]]:
-    """Per group (seeds): FINISHED runs only; mean and sample std (0 for one run) of each best metric."""
-    groups: dict[str, list[RunRow]] = {}
+def _by_method(group_by: str) -> bool:
+    """Whether groups are (method, value) pairs: any ``--group-by`` but the method itself."""
+    return group_by not in ("method", "method.name")
+
+
+def _value_order(value: str) -> tuple:
+    try:
+        return (0, float(value), value)
+    except ValueError:
+        return (1, 0.0, value)
+
+
+def group_stats(rows: list[RunRow], metrics: list[str], by_method: bool = False) -> list[dict[str, Any]]:
+    """Per group (seeds): FINISHED runs only; mean and sample std (0 for one run) of each best metric.
+
+    ``by_method``: groups are (method, group value) pairs (``--group-by data.n_labeled``: one
+    group per method and label count), ordered by method, then value (numbers as numbers);
+    each entry then has ``method`` and ``label`` (``"bce, 4"``) too. Otherwise groups are
+    ordered best first.
+    """
+    groups: dict[tuple[str, str], list[RunRow]] = {}
     for row in rows:
         if row.status == "FINISHED":
-            groups.setdefault(row.group, []).append(row)
+            groups.setdefault((row.method if by_method else "", row.group), []).append(row)
     out = []
-    for name, members in groups.items():
+    for (method, name), members in groups.items():
         entry: dict[str, Any] = {"group": name, "runs": len(members)}
+        if by_method:
+            entry.update(method=method, label=f"{method}, {name}")
         for key in metrics:
             vals = np.array([r.metrics[key] for r in members if key in r.metrics], dtype=float)
             entry[key] = (float(vals.mean()), float(vals.std(ddof=1)) if len(vals) > 1 else 0.0, len(vals)) \
                 if len(vals) else None
         out.append(entry)
+    if by_method:
+        return sorted(out, key=lambda e: (e["method"], _value_order(e["group"])))
     key0 = metrics[0]
     sign = 1.0 if metric_goal(key0) == "min" else -1.0
     return sorted(out, key=lambda e: (e[key0] is None, sign * (e[key0][0] if e[key0] else 0.0), e["group"]))
@@ -237,7 +259,7 @@ def run_compare(experiments: list[str], metric: str = "val_dice_mean", group_by:
                         f"{', '.join(known) or 'none'}")
     rows = sort_rows(rows, metric)
     if plot is not None and rows:
-        save_compare_png(Path(plot), rows, metric, group_stats(rows, [metric]))
+        save_compare_png(Path(plot), rows, metric, group_stats(rows, [metric], _by_method(group_by)))
     if fmt == "json":
         return json.dumps([r.to_json() for r in rows], indent=2)
     if fmt == "csv":
@@ -290,15 +312,18 @@ def compare_tables(rows: list[RunRow], metric: str, group_by: str, title: str) -
              _fmt_duration(r.train_seconds), r.status] for r in rows]
     goal = {"max": "higher is better", "min": "lower is better", "last": "last value"}[metric_goal(metric)]
     tables = CompareTables((f"{title}, best value per run, sorted by {metric} ({goal}):", header, body), None, [])
-    stats = group_stats(rows, [k for k in shown if k.startswith(("val_dice", metric))] or [metric])
+    by_method = _by_method(group_by)
+    stats = group_stats(rows, [k for k in shown if k.startswith(("val_dice", metric))] or [metric], by_method)
     if stats:
-        keys = [k for k in stats[0] if k not in ("group", "runs")]
+        keys = [k for k in stats[0] if k not in ("group", "runs", "method", "label")]
         finished = [r for r in rows if r.status == "FINISHED"]
-        g_body = [[s["group"], str(s["runs"]), *(("-" if s[k] is None else f"{s[k][0]:.4f} ± {s[k][1]:.4f}")
-                                                 for k in keys),
-                   stopped_summary([r for r in finished if r.group == s["group"]])] for s in stats]
-        tables.groups = (f"Mean ± std per {group_by} over FINISHED runs (seeds):",
-                         [group_by, "runs", *keys, "stopped"], g_body)
+        g_body = [[*([s["method"]] if by_method else []), s["group"], str(s["runs"]),
+                   *(("-" if s[k] is None else f"{s[k][0]:.4f} ± {s[k][1]:.4f}") for k in keys),
+                   stopped_summary([r for r in finished if r.group == s["group"]
+                                    and (not by_method or r.method == s["method"])])] for s in stats]
+        per = f"method and {group_by}" if by_method else group_by
+        tables.groups = (f"Mean ± std per {per} over FINISHED runs (seeds):",
+                         [*(["method"] if by_method else []), group_by, "runs", *keys, "stopped"], g_body)
     others = sum(r.status != "FINISHED" for r in rows)
     if others:
         tables.notes.append(f"{others} run(s) not FINISHED are listed above but not averaged.")

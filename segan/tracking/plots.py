@@ -129,8 +129,34 @@ def save_compare_png(path: Path, rows: list[RunRow], metric: str, stats: list[di
     stats = [s for s in stats if s[metric] is not None]
     ax2.bar(range(len(stats)), [s[metric][0] for s in stats], yerr=[s[metric][1] for s in stats], capsize=5,
             color=[colors[s["group"]] for s in stats])
-    ax2.set_xticks(range(len(stats)), [f"{s['group']}\n(n={s[metric][2]})" for s in stats])
+    ax2.set_xticks(range(len(stats)), [f"{s.get('label', s['group'])}\n(n={s[metric][2]})" for s in stats])
     ax2.set_ylabel(f"best {metric}")
     ax2.set_title("mean ± std per group (FINISHED runs)")
     ax2.grid(alpha=0.3, axis="y")
+    _save_figure(fig, path)
+
+
+def save_efficiency_png(path: Path, series: dict[str, list[tuple[float, float, float, int]]], xlabel: str,
+                        ylabel: str, title: str = "") -> None:
+    """One line per ``series`` label through its points ``(x, mean, std, n)``, a ± std band
+    around it (a label-efficiency curve: Dice against the number of labelled cases)."""
+    from matplotlib.figure import Figure
+
+    fig = Figure(figsize=(6.5, 4.5), dpi=100)
+    ax = fig.add_subplot()
+    xs_all = sorted({p[0] for points in series.values() for p in points})
+    for (label, points), color in zip(sorted(series.items()), _colors(len(series))):
+        xs, means, stds, ns = (np.array(v, dtype=float) for v in zip(*points))
+        ax.plot(xs, means, marker="o", markersize=4, linewidth=1.6, color=color,
+                label=f"{label} (n={int(ns.min())}–{int(ns.max())})" if ns.min() != ns.max() else
+                f"{label} (n={int(ns[0])})")
+        ax.fill_between(xs, means - stds, means + stds, color=color, alpha=0.18, linewidth=0)
+    if xs_all:
+        ax.set_xticks(xs_all, [f"{x:g}" for x in xs_all])
+    ax.set_xlabel(xlabel)
+    ax.set_ylabel(ylabel)
+    ax.set_title(title, fontsize=10)
+    ax.grid(alpha=0.3)
+    if ax.lines:
+        ax.legend(fontsize=8)
     _save_figure(fig, path)

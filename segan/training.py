@@ -467,19 +467,24 @@ def _stop_on_sigterm() -> None:
         signal.signal(signal.SIGTERM, handler)
 
 
-def _log_run_inputs(tracker, trainer: Trainer, out: Path) -> None:
-    """Config, data list and preprocessing spec as artifacts; the data list's fingerprint as a param."""
+def _log_run_inputs(tracker, trainer: Trainer, out: Path, extra: dict[str, str] | None = None) -> None:
+    """Config, data list and preprocessing spec as artifacts; the data list's fingerprint as a param.
+
+    ``extra``: more files (name -> text) written to ``out`` and logged beside them, e.g. the
+    plan and the data-set fingerprint of ``segan train --data`` (``plan.yaml``, ``fingerprint.json``)."""
     from segan.io_utils import atomic_write_text
 
     data = trainer.data
     atomic_write_text(out / "datalist.json", json.dumps(data.datalist, indent=1))
     atomic_write_text(out / "preprocess.json", json.dumps(data.preprocess_spec, indent=1))
+    for name, text in (extra or {}).items():
+        atomic_write_text(out / name, text)
     tracker.log_params({"data.fingerprint": data.datalist.get("fingerprint", ""),
                         "data.n_train": len(data.datalist.get("training", [])),
                         "data.n_val": len(data.datalist.get("validation", [])),
                         "data.n_labeled": len(data.datalist.get("training", [])),
                         "data.n_unlabeled": len(data.datalist.get("unlabeled") or [])})
-    for name in ("config.yaml", "datalist.json", "preprocess.json"):
+    for name in ("config.yaml", "datalist.json", "preprocess.json", *(extra or {})):
         tracker.log_artifact(out / name)
 
 
@@ -499,8 +504,11 @@ def _progress(total: int, desc: str, enabled: bool):
 
 def run_training(cfg: Config, out_dir: str | Path | None = None, resume: str | Path | None = None,
                  tracking_uri: str | None = None, register: str | None = None,
-                 parent_run_id: str | None = None) -> TrainResult:
-    """Train per ``cfg``; returns a :class:`TrainResult` (``exit_code`` 0, 3 on divergence, 130 on Ctrl-C)."""
+                 parent_run_id: str | None = None, extra_inputs: dict[str, str] | None = None) -> TrainResult:
+    """Train per ``cfg``; returns a :class:`TrainResult` (``exit_code`` 0, 3 on divergence, 130 on Ctrl-C).
+
+    ``extra_inputs``: files (name -> text) to keep in the output folder and log as artifacts
+    with the config (``segan train --data``: the plan and the fingerprint)."""
     dist = init_distributed(cfg.train.device)
     if cfg.train.threads:
         torch.set_num_threads(cfg.train.threads)
@@ -535,7 +543,7 @@ def run_training(cfg: Config, out_dir: str | Path | None = None, resume: str | P
         if dist.is_main:
             out.mkdir(parents=True, exist_ok=True)
             dump_yaml(cfg, out / "config.yaml")
-            _log_run_inputs(tracker, trainer, out)
+            _log_run_inputs(tracker, trainer, out, extra_inputs)
         if ckpt is not None:
             trainer.load_state_dict(ckpt)
         budget_s = cfg.train.max_minutes * 60 if cfg.train.max_minutes else None

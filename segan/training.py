@@ -29,6 +29,7 @@ from segan.checkpoint import load_checkpoint, make_meta, resolve_checkpoint_path
 from segan.config import Config, dump_yaml, to_dict
 from segan.errors import TrainingDiverged
 from segan.methods import METHODS, Step, fused_pass_is_exact
+from segan.methods.adversarial import ramped
 from segan.optim import ProgressSchedule, build_optimizer
 from segan.runtime import (DistContext, amp_enabled, autocast, init_distributed, resolve_device, rng_state,
                            seed_everything, set_rng_state)
@@ -59,14 +60,10 @@ class TrainResult:
 
 
 def adversarial_weight(cfg: Config, epoch_float: float) -> float:
-    """``w_adv`` after a segmentation-only warm-up, ramped linearly over ``adv_ramp_epochs``."""
+    """``w_adv`` after a segmentation-only warm-up of ``adv_warmup_epochs``, ramped linearly over
+    ``adv_ramp_epochs`` (``adv_start: epoch``; the run's schedule is ``Trainer.method.schedule``)."""
     m = cfg.method
-    t = epoch_float - m.adv_warmup_epochs
-    if t < 0:
-        return 0.0
-    if m.adv_ramp_epochs > 0:
-        return m.w_adv * min(1.0, t / m.adv_ramp_epochs)
-    return m.w_adv
+    return ramped(m.w_adv, epoch_float - m.adv_warmup_epochs, m.adv_ramp_epochs)
 
 
 class Trainer:
@@ -100,7 +97,8 @@ class Trainer:
         # The unlabelled stream is drawn only for a method that uses it.
         self.unlabeled_set = self.data.unlabeled_set if self.method.uses_unlabeled else None
         # What train_step returns and each epoch logs: the method's segmentor terms, then the critic's loss.
-        self.loss_names: tuple[str, ...] = (*self.method.loss_names, "loss_critic")
+        # (and the values of the method's adversarial balance, e.g. adv_scale under adv_balance: adaptive).
+        self.loss_names: tuple[str, ...] = (*self.method.loss_names, "loss_critic", *self.method.balance_names)
         critic = self.method.build_critic()
         self.critic = critic.to(self.device) if critic is not None else None
         self.memory_format = None
@@ -184,6 +182,9 @@ class Trainer:
         method_state = self.method.state_dict()
         if method_state:
             state["method"] = method_state
+        schedule_state = self.method.schedule.state_dict()
+        if schedule_state:  # adv_start: settled
+            state["adv_schedule"] = schedule_state
         return state
 
     def load_state_dict(self, ckpt: dict) -> None:
@@ -196,6 +197,7 @@ class Trainer:
             self.sched_critic.load_state_dict(ckpt["sched_critic"])
         if "method" in ckpt:
             self.method.load_state_dict(ckpt["method"])
+        self.method.schedule.load_state_dict(ckpt.get("adv_schedule", {}))
         self.epoch, self.step = int(ckpt["epoch"]), int(ckpt["step"])
         self.best_metric = float(ckpt["best_metric"])
         self.history = list(ckpt.get("history", []))
@@ -249,6 +251,7 @@ class Trainer:
             self.critic.requires_grad_(False)
         with self._autocast():
             terms = self.method.segmentor_terms(self.critic if train_critic else None, step, w_adv)
+        terms, balance = self.method.balance(terms, self.segmentor)  # adv_balance: fixed returns terms as given
         total = None
         for term in terms.values():
             weighted = term.weight * term.value
@@ -260,7 +263,8 @@ class Trainer:
         if train_critic:
             self.critic.requires_grad_(True)
         values = [terms[name].value.detach().float() if name in terms else zero for name in self.method.loss_names]
-        return torch.stack([*values, loss_critic.detach().float()])
+        extra = [balance[name].float() if name in balance else zero for name in self.method.balance_names]
+        return torch.stack([*values, loss_critic.detach().float(), *extra])
 
     # ------------------------------------------------------------------ epochs
     def fit(self, deadline: float | None = None, budget_s: float | None = None) -> str:
@@ -284,6 +288,7 @@ class Trainer:
                     shard.set_epoch(self.epoch)
             stats, out_of_time = self.train_epoch(loader, deadline, loader_u)
             self.epoch += 1
+            self._end_epoch_schedule(stats)
             progress = self._schedule_epoch(self.epoch) / cfg.train.epochs
             for sched in (self.sched_seg, self.sched_critic):
                 if sched is not None:
@@ -305,6 +310,19 @@ class Trainer:
                 reason = "time budget"
                 break
         return reason
+
+    def _end_epoch_schedule(self, stats: dict) -> None:
+        """Hand the epoch's segmentation loss to the adversarial schedule (``adv_start: settled``);
+        under DDP rank 0's decision holds on every rank (the critic steps must agree)."""
+        schedule = self.method.schedule
+        schedule.end_epoch(self._schedule_epoch(self.epoch), stats.get("loss_seg"))
+        if self.dist.enabled and schedule.state_dict():
+            import torch.distributed as dist
+
+            t = torch.tensor([-1.0 if schedule.start is None else schedule.start],
+                             device=self.device if self.device.type == "cuda" else "cpu", dtype=torch.float64)
+            dist.broadcast(t, 0)
+            schedule.start = None if t.item() < 0 else float(t.item())
 
     def train_seconds(self) -> float:
         """Wall-clock seconds spent in :meth:`fit` so far, over every session of this run."""
@@ -364,7 +382,7 @@ class Trainer:
                 if "uniform" in batch:
                     uniform = batch["uniform"].to(self.device, non_blocking=True)
             epoch = self._schedule_epoch(self.epoch + i / self.steps_per_epoch)
-            w_adv = adversarial_weight(cfg, epoch)
+            w_adv = self.method.schedule.weight(epoch)
             window += self.train_step(image, target, w_adv, image_u=image_u, uniform=uniform, epoch=epoch)
             self.step += 1
             seen += image.shape[0]
@@ -387,7 +405,7 @@ class Trainer:
         elapsed = time.perf_counter() - start
         stats = {name: totals[k] / max(count, 1) for k, name in enumerate(names)}
         stats["samples_per_s"] = seen * self.dist.world_size / max(elapsed, 1e-9)
-        stats["w_adv"] = adversarial_weight(cfg, self._schedule_epoch(self.epoch + 1))
+        stats["w_adv"] = self.method.schedule.weight(self._schedule_epoch(self.epoch + 1))
         if self.device.type == "cuda":
             stats["gpu_mem_peak_gb"] = torch.cuda.max_memory_allocated(self.device) / 1e9
         return stats, out_of_time

@@ -159,32 +159,55 @@ def plan(data: str, out: str, method: str, dims: str, device: str, memory_gb: fl
     result = run_plan(data, out, method=method, dims=dims, device=device, memory_gb=memory_gb,
                       minutes=minutes, trial=trial)
     click.echo(format_plan(result))
-    click.echo(f"wrote {out}; train with: segan train -c {out}")
+    click.echo(f"wrote {out}; train with: segan train -c {out}  (or plan and train at once: segan train --data {data})")
 
 
 @cli.command()
-@click.option("-c", "--config", "config", type=click.Path(), required=True, help="YAML config.")
+@click.option("-c", "--config", "config", type=click.Path(), default=None,
+              help="YAML config (else --data: plan one from the data).")
+@click.option("--data", type=click.Path(), default=None,
+              help="Data-set folder or data list: without -c, plan the config from it (as `segan plan`); "
+                   "with -c, only where the data is (data.root / data.datalist).")
+@click.option("--method", default=None, help="Method to train (planned, or replacing the file's) [segan].")
+@click.option("--minutes", type=click.FloatRange(0.1, None), default=None,
+              help="Wall-clock budget (planned for, or train.max_minutes with -c).")
+@click.option("--dims", type=Choice(["2", "3", "auto"]), default=None, help="Planning: 2D or 3D  [default: auto]")
+@click.option("--device", type=Choice(["auto", "cpu", "cuda"]), default="auto", show_default=True,
+              help="Device planned for (or train.device with -c).")
+@click.option("--memory-gb", type=click.FloatRange(0.1, None), default=None, help="Planning: memory budget of a step.")
 @click.option("--set", "overrides", multiple=True, metavar="KEY=VALUE", help=_SET_HELP)
 @click.option("--out", type=click.Path(file_okay=False), help="Output folder [outputs/<experiment>/<run>].")
 @click.option("--resume", type=click.Path(), help="Checkpoint (last.pt) or run folder to continue.")
 @click.option("--tracking-uri", help="MLflow tracking URI [$MLFLOW_TRACKING_URI or ./mlflow_runs].")
 @click.option("--register", metavar="NAME", help="Register the best segmentor in the MLflow model registry.")
 @click.option("--folds", type=click.IntRange(2, None), default=None,
-              help="K-fold cross-validation: K fold models as child runs of one parent run; OUT is an ensemble.")
-def train(config: str, overrides: tuple[str, ...], out: str | None, resume: str | None,
+              help="K-fold cross-validation of -c CONFIG: K fold models as child runs of one parent run; "
+                   "OUT is an ensemble.")
+def train(config: str | None, data: str | None, method: str | None, minutes: float | None, dims: str | None,
+          device: str, memory_gb: float | None, overrides: tuple[str, ...], out: str | None, resume: str | None,
           tracking_uri: str | None, register: str | None, folds: int | None) -> None:
-    """Train a segmentor with SegAN, a GAN baseline or plain supervision."""
-    from segan.config import load_config
+    """Train a segmentor with SegAN, a GAN baseline or plain supervision (README: Your own data)."""
+    from segan.train_setup import resolve_train_setup
     from segan.training import run_training
 
     if folds is not None:
         from segan.cv import run_cv
 
-        if resume or register:
-            raise UserError("--folds trains K new models; it does not combine with --resume or --register")
-        sys.exit(run_cv(config, folds, list(overrides), out, tracking_uri))
-    cfg = load_config(config, overrides)
-    result = run_training(cfg, out_dir=out, resume=resume, tracking_uri=tracking_uri, register=register)
+        if resume or register or not config or method or dims or memory_gb:
+            raise UserError("--folds trains K new models of -c CONFIG (plan one with `segan plan DATA -o "
+                            "CONFIG.yaml`); it takes --data, --minutes, --set and --out, not --resume, --register, "
+                            "--method, --dims or --memory-gb")
+        extra = ([f"data.root={data}", "data.datalist=null"] if data else []) + \
+            ([f"train.max_minutes={minutes}"] if minutes else [])
+        sys.exit(run_cv(config, folds, [*extra, *overrides], out, tracking_uri))
+
+    setup = resolve_train_setup(config, data, overrides, method=method, minutes=minutes, dims=dims, device=device,
+                                memory_gb=memory_gb)
+    if setup.planned:
+        click.echo(f"{setup.summary}\nplanned from {data}; plan.yaml and fingerprint.json go to the run folder "
+                   "and MLflow", err=True)
+    result = run_training(setup.config, out_dir=out, resume=resume, tracking_uri=tracking_uri, register=register,
+                          extra_inputs=setup.inputs)
     if result.is_main:  # under torchrun only rank 0 reports
         click.echo(result.summary(), err=result.exit_code != 0)
     sys.exit(result.exit_code)

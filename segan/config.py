@@ -98,6 +98,15 @@ class MethodConfig:
     feature_norm: bool = True  # each scale's L1 relative to mean|fake| + mean|real| (in [0, 1])
     adv_warmup_epochs: int = 0  # segmentation-only epochs before the adversarial term
     adv_ramp_epochs: int = 0  # then ramp w_adv linearly over this many epochs
+    # fixed: the adversarial term weighs w_adv(t); adaptive: w_adv(t) x ||grad L_seg|| / (||grad L_adv|| + 1e-4),
+    # both gradients at the segmentor's last layer, clamped to [0, adv_balance_max], detached (VQGAN)
+    adv_balance: str = "fixed"
+    adv_balance_max: float = 1e4
+    # epoch: the critic starts after adv_warmup_epochs; settled: once the epoch's loss_seg improved by less than
+    # adv_settle_tol (relative) adv_settle_epochs epochs in a row, and no earlier than adv_warmup_epochs
+    adv_start: str = "epoch"
+    adv_settle_tol: float = 0.02
+    adv_settle_epochs: int = 2
     ema_decay: float = 0.99  # meanteacher: teacher = EMA of the student's weights
     w_consistency: float = 1.0  # meanteacher: weight of the student-teacher MSE on unlabelled images
     consistency_rampup_epochs: float = 5.0  # meanteacher: sigmoid ramp-up of w_consistency (Laine & Aila)
@@ -188,6 +197,8 @@ CHOICES: dict[str, tuple[str, ...]] = {
     "model.critic_norm": ("batch", "instance", "none"),
     "method.seg_loss": ("dice", "dicebce"),
     "method.l1_weighting": ("paper", "reference"),
+    "method.adv_balance": ("fixed", "adaptive"),
+    "method.adv_start": ("epoch", "settled"),
     "optim.name": ("adam", "adamw", "rmsprop"),
     "optim.schedule": ("none", "step", "cosine", "poly"),
 }
@@ -279,6 +290,7 @@ def _check_choices(cfg: Config) -> None:
         "train.batch_size": cfg.train.batch_size,
         "train.val_every": cfg.train.val_every,
         "method.critic_steps": cfg.method.critic_steps,
+        "method.adv_settle_epochs": cfg.method.adv_settle_epochs,
     }
     for key, value in positive.items():
         if value < 1:

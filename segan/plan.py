@@ -290,12 +290,21 @@ def format_plan(plan: Plan) -> str:
     return "\n".join(f"{d.rule}: {d.reason}" for d in plan.decisions)
 
 
-def run_plan(source: str | Path, out: str | Path, method: str = "segan", dims: str = "auto", device: str = "cpu",
-             memory_gb: Optional[float] = None, minutes: Optional[float] = None, trial: bool = True) -> Plan:
-    """Fingerprint ``source``, plan, write ``out`` atomically and check it resolves."""
+@dataclass
+class Planned:
+    """What :func:`plan_data` returns: the plan, its commented YAML and the fingerprint it came from."""
+
+    plan: Plan
+    yaml_text: str
+    fingerprint: dict
+
+
+def plan_data(source: str | Path, method: str = "segan", dims: str = "auto", device: str = "cpu",
+              memory_gb: Optional[float] = None, minutes: Optional[float] = None, trial: bool = True) -> Planned:
+    """Fingerprint ``source`` (cached) and plan it; nothing written but the fingerprint cache.
+
+    The one planner behind ``segan plan`` (:func:`run_plan`) and ``segan train --data``."""
     from data_prep.fingerprint import load_fingerprint
-    from segan.config_layers import resolve_config
-    from segan.io_utils import atomic_write_text
 
     source = Path(source)
     if not source.exists():
@@ -308,6 +317,17 @@ def run_plan(source: str | Path, out: str | Path, method: str = "segan", dims: s
     fp, _, _ = load_fingerprint(source)
     plan = make_plan(fp, method=method, dims=dims, device=device, memory_gb=memory_gb, minutes=minutes, trial=trial)
     plan.decisions.insert(0, data_values(source, fp))
-    atomic_write_text(Path(out), render_yaml(plan))
+    return Planned(plan, render_yaml(plan), fp)
+
+
+def run_plan(source: str | Path, out: str | Path, method: str = "segan", dims: str = "auto", device: str = "cpu",
+             memory_gb: Optional[float] = None, minutes: Optional[float] = None, trial: bool = True) -> Plan:
+    """Fingerprint ``source``, plan, write ``out`` atomically and check it resolves."""
+    from segan.config_layers import resolve_config
+    from segan.io_utils import atomic_write_text
+
+    planned = plan_data(source, method=method, dims=dims, device=device, memory_gb=memory_gb, minutes=minutes,
+                        trial=trial)
+    atomic_write_text(Path(out), planned.yaml_text)
     resolve_config(out)   # the written file must load as `segan train -c` loads it
-    return plan
+    return planned.plan

@@ -29,6 +29,7 @@ from segan.checkpoint import load_checkpoint, make_meta, resolve_checkpoint_path
 from segan.config import Config, dump_yaml, to_dict
 from segan.errors import TrainingDiverged
 from segan.methods import METHODS, Step, fused_pass_is_exact
+from segan.methods.adversarial import ramped
 from segan.optim import ProgressSchedule, build_optimizer
 from segan.progress import Progress
 from segan.runtime import (DistContext, amp_enabled, autocast, init_distributed, resolve_device, rng_state,
@@ -61,14 +62,10 @@ class TrainResult:
 
 
 def adversarial_weight(cfg: Config, epoch_float: float) -> float:
-    """``w_adv`` after a segmentation-only warm-up, ramped linearly over ``adv_ramp_epochs``."""
+    """``w_adv`` after a segmentation-only warm-up of ``adv_warmup_epochs``, ramped linearly over
+    ``adv_ramp_epochs`` (``adv_start: epoch``; the run's schedule is ``Trainer.method.schedule``)."""
     m = cfg.method
-    t = epoch_float - m.adv_warmup_epochs
-    if t < 0:
-        return 0.0
-    if m.adv_ramp_epochs > 0:
-        return m.w_adv * min(1.0, t / m.adv_ramp_epochs)
-    return m.w_adv
+    return ramped(m.w_adv, epoch_float - m.adv_warmup_epochs, m.adv_ramp_epochs)
 
 
 class Trainer:
@@ -102,7 +99,8 @@ class Trainer:
         # The unlabelled stream is drawn only for a method that uses it.
         self.unlabeled_set = self.data.unlabeled_set if self.method.uses_unlabeled else None
         # What train_step returns and each epoch logs: the method's segmentor terms, then the critic's loss.
-        self.loss_names: tuple[str, ...] = (*self.method.loss_names, "loss_critic")
+        # (and the values of the method's adversarial balance, e.g. adv_scale under adv_balance: adaptive).
+        self.loss_names: tuple[str, ...] = (*self.method.loss_names, "loss_critic", *self.method.balance_names)
         critic = self.method.build_critic()
         self.critic = critic.to(self.device) if critic is not None else None
         self.memory_format = None
@@ -191,6 +189,9 @@ class Trainer:
         method_state = self.method.state_dict()
         if method_state:
             state["method"] = method_state
+        schedule_state = self.method.schedule.state_dict()
+        if schedule_state:  # adv_start: settled
+            state["adv_schedule"] = schedule_state
         return state
 
     def load_state_dict(self, ckpt: dict) -> None:
@@ -203,6 +204,7 @@ class Trainer:
             self.sched_critic.load_state_dict(ckpt["sched_critic"])
         if "method" in ckpt:
             self.method.load_state_dict(ckpt["method"])
+        self.method.schedule.load_state_dict(ckpt.get("adv_schedule", {}))
         self.epoch, self.step = int(ckpt["epoch"]), int(ckpt["step"])
         self.best_metric = float(ckpt["best_metric"])
         self.history = list(ckpt.get("history", []))
@@ -256,6 +258,7 @@ class Trainer:
             self.critic.requires_grad_(False)
         with self._autocast():
             terms = self.method.segmentor_terms(self.critic if train_critic else None, step, w_adv)
+        terms, balance = self.method.balance(terms, self.segmentor)  # adv_balance: fixed returns terms as given
         total = None
         for term in terms.values():
             weighted = term.weight * term.value
@@ -267,7 +270,8 @@ class Trainer:
         if train_critic:
             self.critic.requires_grad_(True)
         values = [terms[name].value.detach().float() if name in terms else zero for name in self.method.loss_names]
-        return torch.stack([*values, loss_critic.detach().float()])
+        extra = [balance[name].float() if name in balance else zero for name in self.method.balance_names]
+        return torch.stack([*values, loss_critic.detach().float(), *extra])
 
     # ------------------------------------------------------------------ epochs
     def fit(self, deadline: float | None = None, budget_s: float | None = None) -> str:
@@ -294,6 +298,7 @@ class Trainer:
                     shard.set_epoch(self.epoch)
             stats, out_of_time = self.train_epoch(loader, deadline, loader_u)
             self.epoch += 1
+            self._end_epoch_schedule(stats)
             progress = self._schedule_epoch(self.epoch) / cfg.train.epochs
             for sched in (self.sched_seg, self.sched_critic):
                 if sched is not None:
@@ -324,6 +329,19 @@ class Trainer:
         if "val_dice_mean" in record:
             parts.append(f"val_dice_mean {record['val_dice_mean']:.4f}" + (" (best)" if improved else ""))
         return ", ".join(parts)
+
+    def _end_epoch_schedule(self, stats: dict) -> None:
+        """Hand the epoch's segmentation loss to the adversarial schedule (``adv_start: settled``);
+        under DDP rank 0's decision holds on every rank (the critic steps must agree)."""
+        schedule = self.method.schedule
+        schedule.end_epoch(self._schedule_epoch(self.epoch), stats.get("loss_seg"))
+        if self.dist.enabled and schedule.state_dict():
+            import torch.distributed as dist
+
+            t = torch.tensor([-1.0 if schedule.start is None else schedule.start],
+                             device=self.device if self.device.type == "cuda" else "cpu", dtype=torch.float64)
+            dist.broadcast(t, 0)
+            schedule.start = None if t.item() < 0 else float(t.item())
 
     def train_seconds(self) -> float:
         """Wall-clock seconds spent in :meth:`fit` so far, over every session of this run."""
@@ -385,7 +403,7 @@ class Trainer:
                 if "uniform" in batch:
                     uniform = batch["uniform"].to(self.device, non_blocking=True)
             epoch = self._schedule_epoch(self.epoch + i / self.steps_per_epoch)
-            w_adv = adversarial_weight(cfg, epoch)
+            w_adv = self.method.schedule.weight(epoch)
             window += self.train_step(image, target, w_adv, image_u=image_u, uniform=uniform, epoch=epoch)
             self.step += 1
             seen += image.shape[0]
@@ -405,7 +423,7 @@ class Trainer:
         elapsed = time.perf_counter() - start
         stats = {name: totals[k] / max(count, 1) for k, name in enumerate(names)}
         stats["samples_per_s"] = seen * self.dist.world_size / max(elapsed, 1e-9)
-        stats["w_adv"] = adversarial_weight(cfg, self._schedule_epoch(self.epoch + 1))
+        stats["w_adv"] = self.method.schedule.weight(self._schedule_epoch(self.epoch + 1))
         if self.device.type == "cuda":
             stats["gpu_mem_peak_gb"] = torch.cuda.max_memory_allocated(self.device) / 1e9
         return stats, out_of_time
@@ -485,19 +503,24 @@ def _stop_on_sigterm() -> None:
         signal.signal(signal.SIGTERM, handler)
 
 
-def _log_run_inputs(tracker, trainer: Trainer, out: Path) -> None:
-    """Config, data list and preprocessing spec as artifacts; the data list's fingerprint as a param."""
+def _log_run_inputs(tracker, trainer: Trainer, out: Path, extra: dict[str, str] | None = None) -> None:
+    """Config, data list and preprocessing spec as artifacts; the data list's fingerprint as a param.
+
+    ``extra``: more files (name -> text) written to ``out`` and logged beside them, e.g. the
+    plan and the data-set fingerprint of ``segan train --data`` (``plan.yaml``, ``fingerprint.json``)."""
     from segan.io_utils import atomic_write_text
 
     data = trainer.data
     atomic_write_text(out / "datalist.json", json.dumps(data.datalist, indent=1))
     atomic_write_text(out / "preprocess.json", json.dumps(data.preprocess_spec, indent=1))
+    for name, text in (extra or {}).items():
+        atomic_write_text(out / name, text)
     tracker.log_params({"data.fingerprint": data.datalist.get("fingerprint", ""),
                         "data.n_train": len(data.datalist.get("training", [])),
                         "data.n_val": len(data.datalist.get("validation", [])),
                         "data.n_labeled": len(data.datalist.get("training", [])),
                         "data.n_unlabeled": len(data.datalist.get("unlabeled") or [])})
-    for name in ("config.yaml", "datalist.json", "preprocess.json"):
+    for name in ("config.yaml", "datalist.json", "preprocess.json", *(extra or {})):
         tracker.log_artifact(out / name)
 
 
@@ -509,8 +532,11 @@ def _log_stop(tracker, trainer: Trainer | None, reason: str) -> None:
 
 def run_training(cfg: Config, out_dir: str | Path | None = None, resume: str | Path | None = None,
                  tracking_uri: str | None = None, register: str | None = None,
-                 parent_run_id: str | None = None) -> TrainResult:
-    """Train per ``cfg``; returns a :class:`TrainResult` (``exit_code`` 0, 3 on divergence, 130 on Ctrl-C)."""
+                 parent_run_id: str | None = None, extra_inputs: dict[str, str] | None = None) -> TrainResult:
+    """Train per ``cfg``; returns a :class:`TrainResult` (``exit_code`` 0, 3 on divergence, 130 on Ctrl-C).
+
+    ``extra_inputs``: files (name -> text) to keep in the output folder and log as artifacts
+    with the config (``segan train --data``: the plan and the fingerprint)."""
     dist = init_distributed(cfg.train.device)
     if cfg.train.threads:
         torch.set_num_threads(cfg.train.threads)
@@ -545,7 +571,7 @@ def run_training(cfg: Config, out_dir: str | Path | None = None, resume: str | P
         if dist.is_main:
             out.mkdir(parents=True, exist_ok=True)
             dump_yaml(cfg, out / "config.yaml")
-            _log_run_inputs(tracker, trainer, out)
+            _log_run_inputs(tracker, trainer, out, extra_inputs)
         if ckpt is not None:
             trainer.load_state_dict(ckpt)
         budget_s = cfg.train.max_minutes * 60 if cfg.train.max_minutes else None

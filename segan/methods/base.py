@@ -25,6 +25,7 @@ from torch.nn.utils import parametrize
 
 from segan.config import Config
 from segan.losses import SegmentationLoss
+from segan.methods.adversarial import AdversarialSchedule, adaptive_weight
 
 
 @dataclass(frozen=True)
@@ -111,10 +112,11 @@ class Step:
 
 class Term(NamedTuple):
     """One named term of the segmentor's loss: the segmentor minimises ``sum(weight * value)``;
-    ``value`` (a scalar tensor) is what is logged."""
+    ``value`` (a scalar tensor) is what is logged; ``weight`` a number, or a detached scalar
+    tensor (:meth:`Method.balance` under ``adv_balance: adaptive``)."""
 
     value: torch.Tensor
-    weight: float
+    weight: float | torch.Tensor
 
 
 class Method:
@@ -139,12 +141,47 @@ class Method:
     # The segmentor terms logged every epoch, in this order (a term off in a step counts 0). Every method
     # logs loss_seg and loss_adv, so runs of different methods compare alike. A weight-0 term is logged only.
     loss_names: ClassVar[tuple[str, ...]] = ("loss_seg", "loss_adv")
+    # The terms that method.adv_balance: adaptive weighs against loss_seg.
+    adversarial_terms: ClassVar[tuple[str, ...]] = ("loss_adv",)
 
     def __init__(self, cfg: Config, in_channels: int, n_regions: int) -> None:
         self.cfg = cfg
         self.in_channels = in_channels
         self.n_regions = n_regions
         self.seg_loss = SegmentationLoss(cfg.method.seg_loss, cfg.method.dice_batch)
+        # w_adv(t) and when the critic starts (method.adv_start, warm-up, ramp); its state is saved with the run.
+        self.schedule = AdversarialSchedule(cfg.method)
+        self._last_layer: torch.Tensor | None = None
+
+    # ---------------------------------------------------------------- adversarial balance
+    @property
+    def balance_names(self) -> tuple[str, ...]:
+        """Extra values :meth:`balance` returns for the epoch logs (``adv_scale``: the adaptive ratio)."""
+        return ("adv_scale",) if self.has_critic and self.cfg.method.adv_balance == "adaptive" else ()
+
+    def balance(self, terms: dict[str, Term], segmentor: nn.Module) -> tuple[dict[str, Term], dict[str, torch.Tensor]]:
+        """The terms as the segmentor minimises them, and the values named by :attr:`balance_names`.
+
+        ``adv_balance: fixed``: ``terms`` as given (the same objects). ``adaptive``: each
+        :attr:`adversarial_terms` entry's weight ``w_adv(t)`` times :func:`adaptive_weight`
+        of ``loss_seg`` and that term at the segmentor's output convolution.
+        """
+        if self.cfg.method.adv_balance == "fixed" or not self.has_critic:
+            return terms, {}
+        present = [name for name in self.adversarial_terms if name in terms]
+        if not present or "loss_seg" not in terms:
+            return terms, {"adv_scale": terms["loss_seg"].value.new_zeros(()).detach()}
+        if self._last_layer is None:
+            from segan.nets.segmentor import output_layer
+
+            self._last_layer = output_layer(getattr(segmentor, "module", segmentor), self.n_regions).weight
+        out, scales = dict(terms), []
+        for name in present:
+            scale = adaptive_weight(terms["loss_seg"].value, terms[name].value, self._last_layer,
+                                    self.cfg.method.adv_balance_max)
+            out[name] = Term(terms[name].value, terms[name].weight * scale)
+            scales.append(scale)
+        return out, {"adv_scale": torch.stack(scales).mean()}
 
     # ---------------------------------------------------------------- critic
     @property

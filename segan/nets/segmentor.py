@@ -74,3 +74,21 @@ def build_segmentor(cfg: ModelConfig, spatial_dims: int, in_channels: int, out_c
                       res_block=cfg.num_res_units > 0)
         divisor = math.prod(cfg.strides)
     return PadToStride(net, divisor)
+
+
+def output_layer(net: nn.Module, out_channels: int) -> nn.Module:
+    """The segmentor's last convolution (the one that writes the ``out_channels`` logits).
+
+    Found as the last registered ``Conv``/``ConvTranspose`` module with ``out_channels``
+    outputs, which for MONAI's UNet, BasicUNet and DynUNet is the layer producing the
+    logits; used by the adaptive adversarial weight (``method.adv_balance: adaptive``).
+    """
+    from torch.nn.modules.conv import _ConvNd
+
+    last = None
+    for m in net.modules():
+        if isinstance(m, _ConvNd) and m.out_channels == out_channels:
+            last = m
+    if last is None:
+        raise ValueError(f"no convolution with {out_channels} output channels in {type(net).__name__}")
+    return last

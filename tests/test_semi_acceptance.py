@@ -4,10 +4,8 @@ resume after SIGKILL, and 2-process DDP leaving one checkpoint and one MLflow ru
 from __future__ import annotations
 
 import os
-import signal
 import subprocess
 import sys
-import time
 
 import numpy as np
 import pytest
@@ -19,7 +17,7 @@ from segan.methods import METHODS
 from segan.runtime import DistContext
 from segan.training import Trainer
 from test_ddp import _free_port
-from test_training import _train_cli
+from test_training import sigkill_and_resume
 
 SMOKE = REPO / "configs" / "smoke.yaml"
 SEMI = sorted(name for name, cls in METHODS.items() if cls.uses_unlabeled)
@@ -59,26 +57,7 @@ def test_resume_after_sigkill_with_unlabelled_stream_is_exact(phantoms, tmp_path
               "--set=train.steps_per_epoch=12", "--set=train.threads=1", "--set=method.name=meanteacher",
               "--set=data.labeled_cases=1", "--set=data.patch_size=[32, 32]", "--set=train.progress=false",
               "--set=method.consistency_rampup_epochs=0"]
-    full = _train_cli(*common, "--out", str(tmp_path / "full"))
-    _, err = full.communicate(timeout=300)
-    assert full.returncode == 0, err
-
-    killed = _train_cli(*common, "--out", str(tmp_path / "killed"))
-    ckpt = tmp_path / "killed" / "last.pt"
-    deadline = time.monotonic() + 240
-    while not ckpt.exists() and killed.poll() is None and time.monotonic() < deadline:
-        time.sleep(0.02)
-    killed.send_signal(signal.SIGKILL)
-    killed.wait()
-    assert killed.returncode == -signal.SIGKILL, "the run ended before it could be killed"
-    assert torch.load(ckpt, weights_only=True)["epoch"] == 1, "kill landed after epoch 2's checkpoint"
-
-    resumed = _train_cli(*common, "--resume", str(ckpt))
-    _, err = resumed.communicate(timeout=300)
-    assert resumed.returncode == 0, err
-    a = torch.load(tmp_path / "full" / "last.pt", weights_only=True)
-    b = torch.load(ckpt, weights_only=True)
-    assert a["epoch"] == b["epoch"] == 2 and a["step"] == b["step"]
+    a, b = sigkill_and_resume(common, tmp_path)
     assert a["history"][-1]["loss_cons"] > 0  # the unlabelled stream was used
     for name, tensor in a["segmentor"].items():
         assert torch.equal(tensor, b["segmentor"][name]), f"segmentor.{name} differs after resume"

@@ -4,6 +4,7 @@ import signal
 import subprocess
 import sys
 import time
+from pathlib import Path
 
 import nibabel as nib
 import numpy as np
@@ -93,12 +94,11 @@ def _train_cli(*args, env=None):
                             preexec_fn=_default_sigint)
 
 
-def test_resume_after_sigkill_matches_uninterrupted_run(phantoms, tmp_path):
-    common = [f"--set=data.root={phantoms}", f"--set=preprocess.cache_dir={tmp_path / 'cache'}",
-              "--set=tracking.enabled=false", "--set=train.deterministic=true", "--set=train.epochs=2",
-              "--set=train.steps_per_epoch=12", "--set=train.threads=1"]
+def sigkill_and_resume(common: list[str], tmp_path: Path) -> tuple[dict, dict]:
+    """Train ``common`` uninterrupted (``tmp_path/full``) and again SIGKILLed right after epoch 1's
+    checkpoint, then resumed; returns both final ``last.pt`` states (full, resumed)."""
     full = _train_cli(*common, "--out", str(tmp_path / "full"))
-    out, err = full.communicate(timeout=300)
+    _, err = full.communicate(timeout=300)
     assert full.returncode == 0, err
 
     killed = _train_cli(*common, "--out", str(tmp_path / "killed"))
@@ -113,11 +113,19 @@ def test_resume_after_sigkill_matches_uninterrupted_run(phantoms, tmp_path):
     assert state["epoch"] == 1, "kill landed after epoch 2's checkpoint; the test needs a slower epoch 2"
 
     resumed = _train_cli(*common, "--resume", str(ckpt))
-    out, err = resumed.communicate(timeout=300)
+    _, err = resumed.communicate(timeout=300)
     assert resumed.returncode == 0, err
     a = torch.load(tmp_path / "full" / "last.pt", weights_only=True)
     b = torch.load(ckpt, weights_only=True)
     assert a["epoch"] == b["epoch"] == 2 and a["step"] == b["step"]
+    return a, b
+
+
+def test_resume_after_sigkill_matches_uninterrupted_run(phantoms, tmp_path):
+    common = [f"--set=data.root={phantoms}", f"--set=preprocess.cache_dir={tmp_path / 'cache'}",
+              "--set=tracking.enabled=false", "--set=train.deterministic=true", "--set=train.epochs=2",
+              "--set=train.steps_per_epoch=12", "--set=train.threads=1"]
+    a, b = sigkill_and_resume(common, tmp_path)
     for key in ("segmentor", "critic"):
         for name, tensor in a[key].items():
             assert torch.equal(tensor, b[key][name]), f"{key}.{name} differs after resume"

@@ -47,7 +47,11 @@ def validate(model: nn.Module, cases: list, region_names: list[str], spatial_dim
     hds: list[torch.Tensor] = []
     overlay = None
     per_case = {}
+    # Per-case values from the metric's __call__, never ``aggregate()``: aggregating syncs its
+    # buffer across ranks (an all_gather), and validation runs on rank 0 only, so under DDP
+    # the other rank never joins and rank 0 blocks forever.
     ece = CalibrationErrorMetric(num_bins=ECE_BINS, include_background=True, metric_reduction="mean_batch")
+    eces: list[torch.Tensor] = []
     for case in cases:
         image = torch.as_tensor(np.ascontiguousarray(case.image), device=device)
         target = torch.as_tensor(np.ascontiguousarray(case.target), device=device)
@@ -56,7 +60,7 @@ def validate(model: nn.Module, cases: list, region_names: list[str], spatial_dim
         pred = (prob > threshold).float()
         dice = compute_dice(pred[None], target[None], include_background=True, ignore_empty=False)[0]
         dices.append(dice.cpu())
-        ece(y_pred=prob[None].float(), y=target[None].float())
+        eces.append(ece(y_pred=prob[None].float(), y=target[None].float())[0].cpu())
         per_case[case.name] = dice.cpu().tolist()
         if hd95:
             with warnings.catch_warnings():  # MONAI 1.5+ deprecation chatter from its own internals
@@ -73,7 +77,7 @@ def validate(model: nn.Module, cases: list, region_names: list[str], spatial_dim
         for name, value in zip(region_names, d.tolist()):
             metrics[f"val_dice_{name}"] = float(value)
         metrics["val_dice_mean"] = float(d.mean())
-        for name, value in zip(region_names, ece.aggregate().tolist()):
+        for name, value in zip(region_names, torch.stack(eces).nanmean(0).tolist()):
             metrics[f"val_ece_{name}"] = float(value)
     if hds:
         h = torch.stack(hds)

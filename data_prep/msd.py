@@ -13,31 +13,25 @@ Layouts (``DatasetInfo.layout``):
   channel order t1, t1ce, t2, flair. Cases without a segmentation are test cases when
   no case has one.
 
-:func:`check_dataset` reads every file once and lists every problem, one line each,
-naming the file and the fix; :func:`make_datalist` writes the split that training
+:mod:`data_prep.check` validates what this module finds (every problem one line, naming
+the file and the fix); :mod:`data_prep.datalist` splits it into the data list that training
 reads back.
 """
 
 from __future__ import annotations
 
-import hashlib
 import json
 import os
 import re
-import sys
 from collections import Counter
 from dataclasses import dataclass, field
 from pathlib import Path
-from typing import TYPE_CHECKING
 
 import numpy as np
 
-from data_prep.io import (CHANNEL_FILE, NIFTI_SUFFIXES, ScanError, is_nifti, load_image, load_label, nifti_files,
+from data_prep.io import (CHANNEL_FILE, NIFTI_SUFFIXES, ScanError, is_nifti, load_label, nifti_files,
                           read_header, stem)
 from segan.errors import UserError
-
-if TYPE_CHECKING:
-    from data_prep.cache import CheckRecord
 
 BRATS_CHANNELS = ("t1", "t1ce", "t2", "flair")
 # BraTS 2023 file suffixes -> the classic names, same channel order.
@@ -360,7 +354,7 @@ def load_dataset(root: Path) -> DatasetInfo:
                     "BraTS case folders (CASE/CASE_t1.nii.gz ... CASE_seg.nii.gz); point to the data set folder")
 
 
-# --------------------------------------------------------------------------- check
+# ----------------------------------------------------------------------- unlabelled
 def unlabeled_cases(source: str | Path) -> list[Case]:
     """Image-only cases of a folder or a glob of NIfTI scans (``data.unlabeled``), grouped by case
     like ``imagesTr/`` (``case_0000``... channel files or one 3D/4D file). Their ``label`` is None:
@@ -381,225 +375,3 @@ def unlabeled_cases(source: str | Path) -> list[Case]:
         raise UserError(f"data.unlabeled {text}: no NIfTI scans found; give a folder of scans or a glob "
                         "such as 'scans/*.nii.gz'")
     return [Case(name, paths, None) for name, paths in groups.items()]
-
-
-def _check_case(info: DatasetInfo, case: Case, split: str) -> tuple[dict, list[str]]:
-    """Read a case's files once; return its table row and its problems."""
-    problems: list[str] = []
-    missing = ("listed in dataset.json but not found; fix the entry or restore the file"
-               if info.layout == "msd" else "file not found; add it or remove the case")
-    shape = affine = None
-    channels = 0
-    ref_path = None
-    for path in case.images:
-        if not os.path.exists(path):
-            problems.append(f"{path}: {missing}")
-            continue
-        try:
-            data, aff = load_image(path)          # (C, X, Y, Z) float32
-        except ScanError as exc:
-            problems.append(str(exc))
-            continue
-        n_bad = int(data.size - np.count_nonzero(np.isfinite(data)))
-        if n_bad:
-            problems.append(f"{path}: {n_bad} voxel(s) are NaN or infinite; re-export the scan or "
-                            "replace them (e.g. with 0)")
-        if shape is None:
-            shape, affine, ref_path = tuple(data.shape[1:]), aff, path
-        elif tuple(data.shape[1:]) != shape:
-            problems.append(f"{path}: shape {tuple(data.shape[1:])} differs from {Path(ref_path).name} "
-                            f"{shape}; resample the channels of case {case.name} to one grid")
-        elif not np.allclose(aff, affine, atol=1e-3):
-            problems.append(f"{path}: affine differs from {Path(ref_path).name}; register the channels of "
-                            f"case {case.name} to one grid")
-        channels += int(data.shape[0])
-        del data
-    values = None
-    if case.label is None:
-        if split == "training":
-            problems.append(f"{case.images[0]}: case {case.name} has no label file; add it to the labels "
-                            "folder or move the case to imagesTs/")
-    elif not os.path.exists(case.label):
-        fix = "fix the dataset.json entry" if info.layout == "msd" else "move the case to imagesTs/"
-        problems.append(f"{case.label}: label file missing for case {case.name}; add it or {fix}")
-    else:
-        try:
-            values, lshape, laff = _label_summary(case.label)
-        except ScanError as exc:
-            problems.append(str(exc))
-        else:
-            if shape is not None and lshape != shape:
-                problems.append(f"{case.label}: shape {lshape} differs from image {Path(ref_path).name} "
-                                f"{shape}; resample the label onto the image grid (nearest neighbour)")
-            elif affine is not None and not np.allclose(laff, affine, atol=1e-3):
-                diff = float(np.abs(laff - affine).max())
-                problems.append(f"{case.label}: affine differs from image {Path(ref_path).name} (max "
-                                f"difference {diff:.3g}); copy the image's affine into the label or resample it")
-            extra = sorted(set(values) - set(info.labels))
-            if extra:
-                problems.append(f"{case.label}: label value(s) {extra} not in the declared labels "
-                                f"{sorted(info.labels)}; fix the label map or declare them in dataset.json 'labels'")
-    spacing = None if affine is None else [round(float(s), 4) for s in np.linalg.norm(affine[:3, :3], axis=0)]
-    row = {"case": case.name, "split": split, "channels": channels or None,
-           "shape": list(shape) if shape else None, "spacing": spacing, "labels": values,
-           "status": "ok" if not problems else f"{len(problems)} problem(s)"}
-    return row, problems
-
-
-def check_dataset(info: DatasetInfo, record: CheckRecord | None = None) -> tuple[list[dict], list[str]]:
-    """Validate every case; returns (one table row per case, every problem as one line
-    ``FILE: problem; fix``). With a ``record`` (``data_prep.cache.CheckRecord``), a case that
-    passed before with the same files is not read again, and clean cases are recorded."""
-    rows: list[dict] = []
-    problems: list[str] = list(info.problems)
-    if not info.training:
-        problems.append(f"{info.root}: no training cases found; put images in imagesTr/ and labels in labelsTr/")
-    firsts: dict[str, str] = {}
-    for split, cases in (("training", info.training), ("test", info.test), ("unlabeled", info.unlabeled)):
-        for case in cases:
-            known = record.get(case, info.labels) if record is not None else None
-            if known is not None:
-                row, case_problems = {**known, "split": split}, []
-            else:
-                row, case_problems = _check_case(info, case, split)
-                if record is not None and not case_problems:
-                    record.put(case, info.labels, row)
-            rows.append(row)
-            problems.extend(case_problems)
-            firsts[case.name] = case.images[0]
-    # Channel count: declared by dataset.json, else the most common one.
-    counts = Counter(r["channels"] for r in rows if r["channels"])
-    expected = len(info.channel_names) if info.layout == "msd" else (counts.most_common(1)[0][0] if counts else None)
-    for row in rows:
-        if row["channels"] and expected and row["channels"] != expected:
-            problems.append(f"{firsts[row['case']]}: case {row['case']} has {row['channels']} channel(s), expected "
-                            f"{expected} ({', '.join(info.channel_names)}); give every case the same channels")
-            row["status"] = "channel count" if row["status"] == "ok" else row["status"] + ", channel count"
-    if record is not None:
-        record.save()
-    return rows, problems
-
-
-# --------------------------------------------------------------------------- split
-def split_cases(names: list[str], seed: int, val_fraction: float, folds: int | None = None,
-                fold: int = 0) -> tuple[list[str], list[str]]:
-    """(training, validation) case names, both sorted; by case, never by slice.
-
-    Deterministic for a seed and independent of the input order. With ``folds``, the
-    shuffled cases are cut into ``folds`` near-equal parts and part ``fold`` validates.
-    """
-    unique = sorted(set(names))
-    order = [unique[i] for i in np.random.default_rng(seed).permutation(len(unique))]
-    if folds is not None:
-        if folds < 2 or folds > len(unique):
-            raise UserError(f"--folds {folds}: need 2 <= folds <= number of labelled cases ({len(unique)})")
-        if not 0 <= fold < folds:
-            raise UserError(f"fold {fold}: must be in 0..{folds - 1}")
-        val = set(np.array_split(np.array(order, dtype=object), folds)[fold].tolist())
-    else:
-        if not 0.0 <= val_fraction < 1.0:
-            raise UserError(f"--val-fraction {val_fraction}: must be in [0, 1)")
-        n_val = int(round(len(unique) * val_fraction))
-        if val_fraction > 0 and len(unique) >= 2:
-            n_val = min(max(n_val, 1), len(unique) - 1)
-        val = set(order[:n_val])
-    return [n for n in unique if n not in val], [n for n in unique if n in val]
-
-
-def _fingerprint(cases: list[Case]) -> str:
-    h = hashlib.sha256()
-    for case in sorted(cases, key=lambda c: c.name):
-        sizes = [os.path.getsize(p) if os.path.exists(p) else -1 for p in case.images + [case.label or ""]
-                 if p]
-        h.update(f"{case.name}\t{','.join(map(str, sizes))}\n".encode())
-    return h.hexdigest()
-
-
-def make_datalist(info: DatasetInfo, seed: int = 0, val_fraction: float = 0.2, folds: int | None = None,
-                  fold: int = 0) -> dict:
-    """The data list training reads: cases with absolute paths, split by case."""
-    labelled = [c for c in info.training if c.label]
-    train_names, val_names = split_cases([c.name for c in labelled], seed, val_fraction, folds, fold)
-    by_name = {c.name: c for c in labelled}
-
-    def entry(c: Case) -> dict:
-        return {"case": c.name, "image": list(c.images), "label": c.label}
-
-    return {
-        "root": str(info.root),
-        "name": info.name,
-        "layout": info.layout,
-        "channel_names": list(info.channel_names),
-        "labels": {str(k): v for k, v in sorted(info.labels.items())},
-        "regions": info.regions,
-        "split": {"seed": seed, "val_fraction": val_fraction, "folds": folds, "fold": fold},
-        "training": [entry(by_name[n]) for n in train_names],
-        "validation": [entry(by_name[n]) for n in val_names],
-        "test": [entry(c) for c in sorted(info.test, key=lambda c: c.name)],
-        "fingerprint": _fingerprint(info.training + info.test),
-    }
-
-
-# ----------------------------------------------------------------------------- CLI
-def _fmt(value: object) -> str:
-    if value is None:
-        return "-"
-    if isinstance(value, list):
-        return "x".join(f"{v:g}" if isinstance(v, float) else str(v) for v in value) if value else "-"
-    return str(value)
-
-
-def _table(rows: list[dict]) -> str:
-    cols = [("case", "case"), ("split", "split"), ("channels", "ch"), ("shape", "shape"),
-            ("spacing", "spacing (mm)"), ("labels", "labels"), ("status", "status")]
-    cells = [[h for _, h in cols]] + [[_fmt(r[k]) if k != "labels" else
-                                       (",".join(map(str, r[k])) if r[k] is not None else "-")
-                                       for k, _ in cols] for r in rows]
-    widths = [max(len(row[i]) for row in cells) for i in range(len(cols))]
-    return "\n".join("  ".join(c.ljust(w) for c, w in zip(row, widths)).rstrip() for row in cells)
-
-
-def run_check(root: Path, as_json: bool, datalist: Path | None, seed: int, val_fraction: float,
-              folds: int | None, fold: int | None = None, unlabeled: str | None = None) -> int:
-    """``segan prepare check``: print the case table (or JSON) and every problem;
-    write the data list if asked and the data set is clean (with ``folds``, fold ``fold``,
-    default 0, validates). ``unlabeled``: a folder or glob of image-only scans, checked and
-    listed too (split ``unlabeled``). Returns 0, or 2 on problems."""
-    from segan.io_utils import atomic_write_text
-
-    if fold is not None and folds is None:
-        raise UserError(f"--fold {fold} needs --folds K (the number of cross-validation folds)")
-    info = load_dataset(root)
-    if unlabeled:
-        info.unlabeled = unlabeled_cases(unlabeled)
-    rows, problems = check_dataset(info)
-    listing = make_datalist(info, seed, val_fraction, folds, fold or 0) if datalist and not problems else None
-    labels = ", ".join(f"{k} {v}" for k, v in sorted(info.labels.items()))
-    if as_json:
-        report = {"root": str(info.root), "name": info.name, "layout": info.layout,
-                  "channel_names": info.channel_names, "labels": {str(k): v for k, v in sorted(info.labels.items())},
-                  "regions": info.regions, "cases": rows, "problems": problems, "ok": not problems}
-        print(json.dumps(report, indent=2))
-    else:
-        extra = f" + {len(info.unlabeled)} unlabelled" if info.unlabeled else ""
-        print(f"{info.root}: layout {info.layout}, {len(info.training)} training + {len(info.test)} test{extra} cases; "
-              f"channels {', '.join(info.channel_names)}; labels {labels}")
-        if rows:
-            print(_table(rows))
-        if problems:
-            print(f"\n{len(problems)} problem(s):")
-            for line in problems:
-                print(f"  {line}")
-        else:
-            print("\nno problems found")
-    if listing is not None:
-        atomic_write_text(datalist, json.dumps(listing, indent=2) + "\n")
-        msg = (f"data list written to {datalist}: {len(listing['training'])} training, "
-               f"{len(listing['validation'])} validation, {len(listing['test'])} test cases")
-        print(msg, file=sys.stderr if as_json else sys.stdout)
-    if problems:
-        tail = "; data list not written" if datalist else ""
-        print(f"error: {len(problems)} problem(s) in {info.root}{tail}; fix them and run the check again",
-              file=sys.stderr)
-        return 2
-    return 0

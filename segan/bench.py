@@ -18,7 +18,7 @@ Everything is measured in one process on one device:
   and the speedup the median of eager/fast over neighbouring blocks.
 - **FLOPs** of one training step (``torch.utils.flop_counter``: convolutions and matrix
   products, forward and backward), achieved TFLOP/s and MFU against the device's peak
-  (CUDA: a table of datasheet dense peaks; CPU: an estimate, see :func:`cpu_peak`).
+  (CUDA: a table of datasheet dense peaks; CPU: an estimate, see :func:`segan.bench_hw.cpu_peak`).
 - **memory**: CUDA ``max_memory_allocated`` of each mode's step; on CPU the process's
   peak resident set (VmHWM, reset per mode) and ``ru_maxrss`` for the whole run.
 - **loader**: samples/s of the real training loader on the config's data (``data.root``),
@@ -36,8 +36,6 @@ import json
 import math
 import os
 import platform
-import re
-import resource
 import statistics
 import sys
 import tempfile
@@ -47,6 +45,8 @@ from pathlib import Path
 
 import torch
 
+from segan.bench_hw import device_info, host_peak_gb, load_avg, reset_host_peak, ru_maxrss_gb
+from segan.bench_summary import summarize
 from segan.config import Config, load_config, to_dict
 from segan.errors import UserError
 
@@ -56,113 +56,6 @@ PHANTOM_SHAPE = (96, 96, 96)
 # Used when the config does not name its channels / regions: BraTS-like inputs.
 DEFAULT_CHANNELS = ["T1", "T1ce", "T2", "FLAIR"]
 DEFAULT_REGIONS = {"whole_tumour": [1, 2, 3], "tumour_core": [2, 3], "enhancing": [3]}
-
-# Dense (no sparsity) datasheet peaks in TFLOP/s, matched by substring of
-# torch.cuda.get_device_name(), most specific first.
-CUDA_PEAKS: list[tuple[str, dict[str, float]]] = [
-    ("H200 NVL", {"bf16": 835.0, "tf32": 418.0, "fp32": 60.0}),
-    ("H200", {"bf16": 989.4, "tf32": 494.7, "fp32": 66.9}),
-    ("GH200", {"bf16": 989.4, "tf32": 494.7, "fp32": 66.9}),
-    ("H100 NVL", {"bf16": 835.0, "tf32": 418.0, "fp32": 60.0}),
-    ("H100 PCIe", {"bf16": 756.0, "tf32": 378.0, "fp32": 51.2}),
-    ("H100", {"bf16": 989.4, "tf32": 494.7, "fp32": 66.9}),  # SXM ("H100 80GB HBM3")
-    ("H800", {"bf16": 989.4, "tf32": 494.7, "fp32": 66.9}),
-    ("B200", {"bf16": 2250.0, "tf32": 1100.0, "fp32": 75.0}),
-    ("A100", {"bf16": 312.0, "tf32": 156.0, "fp32": 19.5}),
-    ("A800", {"bf16": 312.0, "tf32": 156.0, "fp32": 19.5}),
-    ("L40S", {"bf16": 362.0, "tf32": 183.0, "fp32": 91.6}),
-    ("L40", {"bf16": 181.0, "tf32": 90.5, "fp32": 90.5}),
-    ("L4", {"bf16": 121.0, "tf32": 60.0, "fp32": 30.3}),
-    ("A10G", {"bf16": 70.0, "tf32": 35.0, "fp32": 31.2}),
-    ("A10", {"bf16": 125.0, "tf32": 62.5, "fp32": 31.2}),
-    ("RTX 4090", {"bf16": 165.2, "tf32": 82.6, "fp32": 82.6}),
-    ("RTX 3090", {"bf16": 71.0, "tf32": 35.6, "fp32": 35.6}),
-    ("V100", {"fp16": 125.0, "fp32": 15.7}),
-    ("T4", {"fp16": 65.0, "fp32": 8.1}),
-]
-
-
-# ---------------------------------------------------------------- device peaks
-def cuda_peak(name: str) -> dict[str, float] | None:
-    """Datasheet dense TFLOP/s per dtype for a CUDA device name, or None when unknown."""
-    for key, peaks in CUDA_PEAKS:
-        if key.lower() in name.lower():
-            return dict(peaks)
-    return None
-
-
-def cpu_peak(cpuinfo: str, threads: int, cpus: set[int] | None = None) -> dict:
-    """Estimated fp32 peak of the cores this process computes on, from ``/proc/cpuinfo`` text.
-
-    ``physical cores used x GHz x FLOP/cycle``: cores = distinct (socket, core) pairs among
-    the CPUs we may run on (``cpus``, default all), capped at ``threads``; GHz = the highest
-    ``cpu MHz`` listed (often the base clock: turbo can exceed it, wide vector load can drop
-    below it); FLOP/cycle (fp32, two FMA units): AVX-512 64, AVX2+FMA 32, AVX 16, else 8,
-    except AMD family 25 (Zen 4), which runs AVX-512 as two 256-bit halves: 32. Intel parts
-    with a single AVX-512 FMA unit reach half the estimate. bf16: AMX tiles 2048 FLOP/cycle,
-    AVX512-BF16 dot products twice the fp32 rate; without either, no bf16 peak. Returns
-    ``{"tflops": {"fp32": x[, "bf16": y]}, "cores", "ghz", "flop_per_cycle", "model", "note"}``.
-    """
-    blocks = [b for b in cpuinfo.strip().split("\n\n") if b.strip()]
-    cores: set[tuple[str, str]] = set()
-    mhz, flags, model, vendor, family = 0.0, set(), "unknown CPU", "", ""
-    for block in blocks:
-        fields = {}
-        for line in block.splitlines():
-            key, _, value = line.partition(":")
-            fields[key.strip()] = value.strip()
-        proc = int(fields.get("processor", "-1") or -1)
-        if cpus is not None and proc not in cpus:
-            continue
-        cores.add((fields.get("physical id", "0"), fields.get("core id", str(proc))))
-        try:
-            mhz = max(mhz, float(fields.get("cpu MHz", "0")))
-        except ValueError:
-            pass
-        flags |= set(fields.get("flags", "").split())
-        model = fields.get("model name", model)
-        vendor, family = fields.get("vendor_id", vendor), fields.get("cpu family", family)
-    n = max(1, min(len(cores) or 1, max(threads, 1)))
-    if "avx512f" in flags and vendor == "AuthenticAMD" and family == "25":
-        per_cycle, isa = 32, "AVX-512 on AMD Zen 4, two 256-bit halves"
-    elif "avx512f" in flags:
-        per_cycle, isa = 64, "AVX-512"
-    elif "avx2" in flags and "fma" in flags:
-        per_cycle, isa = 32, "AVX2+FMA"
-    elif "avx" in flags:
-        per_cycle, isa = 16, "AVX"
-    else:
-        per_cycle, isa = 8, "SSE"
-    ghz = mhz / 1000 if mhz > 0 else 2.0
-    tflops = {"fp32": n * ghz * per_cycle / 1000}
-    bf16_per_cycle = 2048 if "amx_bf16" in flags else 2 * per_cycle if "avx512_bf16" in flags else 0
-    if bf16_per_cycle:
-        tflops["bf16"] = n * ghz * bf16_per_cycle / 1000
-    note = (f"estimate: {n} cores x {ghz:.2f} GHz x {per_cycle} fp32 FLOP/cycle ({isa}, 2 FMA units)"
-            + (f", {bf16_per_cycle} bf16" if bf16_per_cycle else "")
-            + ("" if mhz > 0 else "; clock unknown, 2 GHz assumed"))
-    return {"tflops": tflops, "cores": n, "ghz": ghz, "flop_per_cycle": per_cycle, "model": model,
-            "note": note}
-
-
-def device_info(device: torch.device) -> dict:
-    """Name, peak TFLOP/s per dtype (or None) and where the peak comes from."""
-    if device.type == "cuda":
-        name = torch.cuda.get_device_name(device)
-        peaks = cuda_peak(name)
-        props = torch.cuda.get_device_properties(device)
-        return {"type": "cuda", "name": name, "memory_gb": props.total_memory / 1e9,
-                "peak_tflops": peaks, "peak_note": "datasheet dense peak" if peaks else
-                f"unknown device {name!r}: no MFU (add it to segan.bench.CUDA_PEAKS)"}
-    threads = torch.get_num_threads()
-    try:
-        text = Path("/proc/cpuinfo").read_text()
-        cpus = set(os.sched_getaffinity(0)) if hasattr(os, "sched_getaffinity") else None
-    except OSError:
-        text, cpus = "", None
-    est = cpu_peak(text, threads, cpus)
-    name = est["model"] if est["model"] != "unknown CPU" else (platform.processor() or "CPU")
-    return {"type": "cpu", "name": name, "threads": threads, "peak_tflops": est["tflops"], "peak_note": est["note"]}
 
 
 # ---------------------------------------------------------------- synthetic data
@@ -228,31 +121,6 @@ def switches(cfg: Config) -> dict:
 def _sync(device: torch.device) -> None:
     if device.type == "cuda":
         torch.cuda.synchronize(device)
-
-
-def _reset_host_peak() -> bool:
-    """Reset the process's peak RSS (Linux >= 4.0); False where that is not possible."""
-    try:
-        Path("/proc/self/clear_refs").write_text("5")
-        return True
-    except OSError:
-        return False
-
-
-def _host_peak_gb() -> float:
-    """VmHWM (peak RSS since the last reset) where readable, else ru_maxrss (whole run)."""
-    try:
-        match = re.search(r"VmHWM:\s+(\d+)\s+kB", Path("/proc/self/status").read_text())
-        if match:
-            return int(match.group(1)) * 1024 / 1e9
-    except OSError:
-        pass
-    return _ru_maxrss_gb()
-
-
-def _ru_maxrss_gb() -> float:
-    scale = 1 if sys.platform == "darwin" else 1024  # bytes on macOS, KiB on Linux
-    return resource.getrusage(resource.RUSAGE_SELF).ru_maxrss * scale / 1e9
 
 
 @dataclass
@@ -350,9 +218,9 @@ def _build_and_warm(cfg: Config, mode: str, device: torch.device, out_dir: Path,
         info["peak_mem_gb"] = (torch.cuda.max_memory_allocated(device) - base) / 1e9
         info["peak_mem_kind"] = "cuda max_memory_allocated of one step, this mode's tensors only"
     else:
-        exact = _reset_host_peak()
+        exact = reset_host_peak()
         runner.run(1)
-        info["peak_mem_gb"] = _host_peak_gb()
+        info["peak_mem_gb"] = host_peak_gb()
         info["peak_mem_kind"] = ("host peak RSS of one step (whole process)" if exact
                                  else "host peak RSS of the process so far (ru_maxrss)")
     return runner, info
@@ -540,7 +408,7 @@ def run_bench(config: str, overrides: list[str] | None = None, device: str = "au
     if cfg.train.threads:
         torch.set_num_threads(cfg.train.threads)
     hw = device_info(dev)
-    load_start = _load_avg()
+    load_start = load_avg()
     started = time.perf_counter()
     train, fast = bench_train(cfg, dev, steps)
     inference = bench_inference(fast, cfg)
@@ -555,7 +423,7 @@ def run_bench(config: str, overrides: list[str] | None = None, device: str = "au
         "torch": torch.__version__,
         "cuda": torch.version.cuda,
         "host": {"platform": platform.platform(), "python": platform.python_version(),
-                 "peak_rss_gb": _ru_maxrss_gb(), "load_avg_1min_start": load_start, "load_avg_1min_end": _load_avg()},
+                 "peak_rss_gb": ru_maxrss_gb(), "load_avg_1min_start": load_start, "load_avg_1min_end": load_avg()},
         "time": time.strftime("%Y-%m-%dT%H:%M:%S%z"),
         "wall_s": time.perf_counter() - started,
         "train": train,
@@ -573,59 +441,3 @@ def run_bench(config: str, overrides: list[str] | None = None, device: str = "au
         Path(json_out).parent.mkdir(parents=True, exist_ok=True)
         atomic_write_text(Path(json_out), json.dumps(result, indent=1, default=str) + "\n")
     return summarize(result) + (f"\nJSON: {json_out}" if json_out is not None else "")
-
-
-def _load_avg() -> float | None:
-    """1-minute load average: how busy the machine was (other processes skew CPU figures)."""
-    return os.getloadavg()[0] if hasattr(os, "getloadavg") else None
-
-
-def _fmt(value, spec: str = ".3g", none: str = "n/a") -> str:
-    return none if value is None else format(value, spec)
-
-
-def summarize(result: dict) -> str:
-    """A readable table of a bench result (the dict :func:`run_bench` writes as JSON)."""
-    t, inf, ld, hw = result["train"], result["inference"], result["loader"], result["hardware"]
-    peak = hw.get("peak_tflops") or {}
-    peak_txt = ", ".join(f"{k} {v:g} TFLOP/s" for k, v in peak.items()) or "unknown"
-    spatial = "x".join(map(str, t["patch_size"]))
-    rows = [
-        ("s/step", "step_s", ".3g"), ("samples/s", "samples_per_s", ".4g"), ("Mvoxel/s", "voxels_per_s", None),
-        ("TFLOP/s", "tflops", ".3g"), ("MFU", "mfu", ".1%"), ("peak mem GB", "peak_mem_gb", ".3g"),
-        ("dtype", "compute_dtype", "s"),
-    ]
-    lines = [
-        f"segan bench {result['config']} on {result['device']}",
-        f"  peak: {peak_txt} ({hw.get('peak_note', '')})",
-        f"  model: {t['method']} {t['spatial_dims']}D, batch {t['batch_size']} x {t['channels']}x{spatial}, "
-        f"segmentor {t['segmentor_params'] / 1e6:.2f} M params, critic {t['critic_params'] / 1e6:.2f} M params, "
-        f"{t['flops_per_step'] / 1e9:.1f} GFLOP/step",
-        f"  {'train step':<14}{'eager':>12}{'fast':>12}",
-    ]
-    for label, key, spec in rows:
-        vals = []
-        for mode in MODES:
-            v = t[mode].get(key)
-            if key == "voxels_per_s":
-                vals.append(f"{v / 1e6:.3g}")
-            else:
-                vals.append(_fmt(v, spec))
-        lines.append(f"  {label:<14}{vals[0]:>12}{vals[1]:>12}")
-    notes = [f"{m}: {t[m]['compile_error']}" for m in MODES if t[m].get("compile_error")]
-    lines += [
-        f"  speedup fast/eager: {t['speedup']:.2f}x (median over {len(t['blocks'])} pairs of alternating blocks, "
-        f"{t['steps']} steps per mode, {t['warmup']} warm-up)" + (f"; compile failed: {'; '.join(notes)}" if notes
-                                                                  else ""),
-        f"  loader: {ld['samples_per_s']:.4g} samples/s ({ld['num_workers']} workers, {ld['source']}) = "
-        f"{ld['vs_train_fast']:.3g}x the fast step's consumption",
-        f"  inference ({inf['method']}): BraTS-sized {'x'.join(map(str, inf['brats_shape']))} "
-        f"{inf['brats_volume_s']:.3g} s; phantom {'x'.join(map(str, inf['phantom_shape']))} "
-        f"{inf['phantom_volume_s']:.3g} s",
-        f"  host peak RSS {result['host']['peak_rss_gb']:.2f} GB; load average "
-        f"{_fmt(result['host']['load_avg_1min_start'], '.1f')} -> {_fmt(result['host']['load_avg_1min_end'], '.1f')}; "
-        f"bench took {result['wall_s']:.0f} s",
-    ]
-    if result.get("warning"):
-        lines.append(f"  warning: {result['warning']}")
-    return "\n".join(lines)

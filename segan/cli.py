@@ -118,7 +118,7 @@ def prepare_phantoms(out: str, cases: int, size: int, seed: int, test_fraction: 
 def prepare_check(root: str, as_json: bool, datalist: str | None, seed: int, val_fraction: float,
                   folds: int | None, fold: int | None, unlabeled: str | None) -> None:
     """Validate every case of an MSD or BraTS folder; exit 2 listing all problems."""
-    from data_prep.msd import run_check
+    from data_prep.check import run_check
 
     code = run_check(Path(root), as_json=as_json, datalist=Path(datalist) if datalist else None,
                      seed=seed, val_fraction=val_fraction, folds=folds, fold=fold, unlabeled=unlabeled)
@@ -188,7 +188,7 @@ def train(config: str | None, data: str | None, method: str | None, minutes: flo
           tracking_uri: str | None, register: str | None, folds: int | None) -> None:
     """Train a segmentor with SegAN, a GAN baseline or plain supervision (README: Your own data)."""
     from segan.train_setup import resolve_train_setup
-    from segan.training import run_training
+    from segan.train_run import run_training
 
     if folds is not None:
         from segan.cv import run_cv

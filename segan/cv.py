@@ -1,7 +1,7 @@
 """``segan train --folds K``: K-fold cross-validation as child runs of one parent MLflow run.
 
 The labelled training cases of ``data.root`` are cut once into K folds (the config's seed,
-:func:`data_prep.msd.split_cases`); fold ``i`` trains on the other folds and validates on
+:func:`data_prep.datalist.split_cases`); fold ``i`` trains on the other folds and validates on
 fold ``i``; the test cases stay out. Every fold's data list is written before anything
 trains (``OUTDIR/fold_i/datalist.json``, the recorded split), the fold models go to
 ``OUTDIR/fold_i/`` as child runs of the parent run, and the parent gets the CV mean ± std of
@@ -26,6 +26,7 @@ CV_ROLE = "cv"  # value of the segan.role tag on the parent run
 def fold_datalists(cfg, folds: int) -> list[dict]:
     """One data list per fold of ``cfg.data.root``'s labelled training cases (seed ``cfg.seed``)."""
     from data_prep import msd
+    from data_prep.datalist import make_datalist
 
     if cfg.data.datalist:
         raise UserError(f"data.datalist {cfg.data.datalist}: --folds splits data.root itself; drop data.datalist "
@@ -34,7 +35,7 @@ def fold_datalists(cfg, folds: int) -> list[dict]:
     if not root.is_dir():
         raise UserError(f"data.root {root}: folder not found; point to your data with --set data.root=FOLDER")
     info = msd.load_dataset(root)
-    return [msd.make_datalist(info, seed=cfg.seed, folds=folds, fold=i) for i in range(folds)]
+    return [make_datalist(info, seed=cfg.seed, folds=folds, fold=i) for i in range(folds)]
 
 
 def cv_summary(records: list[dict]) -> dict[str, float]:
@@ -57,7 +58,7 @@ def run_cv(config: str, folds: int, overrides: list[str], out_dir: str | None, t
     from segan.config import load_config, to_dict
     from segan.io_utils import atomic_write_text
     from segan.tracking import SWEEP_ROLE_TAG, RunTracker, config_hash
-    from segan.training import run_training
+    from segan.train_run import run_training
 
     base = load_config(config, overrides)
     name = f"cv{folds}-{config_hash({'cfg': to_dict(base), 'started': time.time_ns()})}"

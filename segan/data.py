@@ -278,11 +278,12 @@ def _read_datalist(cfg: Config) -> dict:
     if not root.is_dir():
         raise UserError(f"data.root {root}: folder not found; generate a demo data set with "
                         f"`segan prepare phantoms --out {root}` or point to your data with --set data.root=FOLDER")
-    from data_prep import msd
+    from data_prep.datalist import make_datalist
+    from data_prep.msd import load_dataset
 
-    info = msd.load_dataset(root)
-    return msd.make_datalist(info, seed=cfg.seed, val_fraction=cfg.data.val_fraction,
-                             folds=cfg.data.folds, fold=cfg.data.fold)
+    info = load_dataset(root)
+    return make_datalist(info, seed=cfg.seed, val_fraction=cfg.data.val_fraction,
+                         folds=cfg.data.folds, fold=cfg.data.fold)
 
 
 def _resolve_channels(cfg: Config, available: list[str]) -> tuple[list[str], list[int] | None]:
@@ -323,7 +324,8 @@ def _check_files(cases: list, datalist: dict, root: Path, label_names: dict[int,
     else; a case that passed with the same files (paths, sizes, mtimes) is not read again.
     Raises one :class:`UserError` listing every problem."""
     from data_prep.cache import CheckRecord
-    from data_prep.msd import DatasetInfo, check_dataset
+    from data_prep.check import check_dataset
+    from data_prep.msd import DatasetInfo
 
     info = DatasetInfo(root=root, name=str(datalist.get("name") or root.name),
                        layout=str(datalist.get("layout") or "msd"),

@@ -50,16 +50,16 @@ def _write_split(cfg, folder: Path) -> str:
     """The config's data list, or the split of ``data.root`` with the config's seed, saved once."""
     if cfg.data.datalist:
         return str(Path(cfg.data.datalist).absolute())
-    from data_prep import msd
-
+    from data_prep.datalist import make_datalist
+    from data_prep.msd import load_dataset
     from segan.io_utils import atomic_write_text
 
     root = Path(cfg.data.root)
     if not root.is_dir():
         raise UserError(f"data.root {root}: folder not found; generate a demo data set with "
                         f"`segan prepare phantoms --out {root}` or point to your data with --set data.root=FOLDER")
-    datalist = msd.make_datalist(msd.load_dataset(root), seed=cfg.seed, val_fraction=cfg.data.val_fraction,
-                                 folds=cfg.data.folds, fold=cfg.data.fold)
+    datalist = make_datalist(load_dataset(root), seed=cfg.seed, val_fraction=cfg.data.val_fraction,
+                             folds=cfg.data.folds, fold=cfg.data.fold)
     path = folder / "datalist.json"
     atomic_write_text(path, json.dumps(datalist, indent=1))
     return str(path.absolute())
@@ -80,7 +80,7 @@ def run_sweep(config: str, methods: str, seeds: str, overrides: list[str], track
     from segan.tracking import SWEEP_ROLE_TAG, RunTracker, config_hash, run_compare
     from segan.sweep_grid import (ChildResult, GridSummary, cell_overrides, check_cells, child_run_name,
                                   grid_cells, parse_grid, write_grid_outputs)
-    from segan.training import run_training
+    from segan.train_run import run_training
 
     method_list = parse_list(methods, "methods")
     unknown = [m for m in method_list if m not in METHODS]

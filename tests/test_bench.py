@@ -9,8 +9,8 @@ import pytest
 import torch
 
 from conftest import REPO, run_cli
-from segan.bench import (MODES, _resolve, bench_loader, cpu_peak, cuda_peak, mode_config, switches,
-                         synthetic_batch)
+from segan.bench import MODES, _resolve, bench_loader, mode_config, switches, synthetic_batch
+from segan.bench_hw import cpu_peak, cuda_peak
 from segan.config import load_config
 from segan.errors import UserError
 

@@ -238,7 +238,7 @@ def trained(tmp_path_factory, db_template, phantoms_small) -> dict:
     supervised run killed by SIGTERM (a real `segan train` process), and one older-style run
     that recorded nothing about its training."""
     from segan.config import load_config
-    from segan.training import run_training
+    from segan.train_run import run_training
 
     root = tmp_path_factory.mktemp("trained")
     shutil.copyfile(db_template, root / "mlflow.db")

@@ -12,7 +12,9 @@ import pytest
 
 from conftest import run_cli
 from data_prep.io import save_nifti
-from data_prep.msd import check_dataset, load_dataset, make_datalist, split_cases
+from data_prep.check import check_dataset
+from data_prep.datalist import make_datalist, split_cases
+from data_prep.msd import load_dataset
 from data_prep.phantoms import generate
 from segan.errors import UserError
 

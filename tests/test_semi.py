@@ -59,9 +59,10 @@ def test_labels_beside_unlabelled_scans_are_never_opened(phantoms, tmp_path):
     shutil.copytree(phantoms, root)
     cfg = _cfg(root, tmp_path, "data.labeled_cases=1", "method.name=supervised",
                f"data.unlabeled={_unlabelled_folder(phantoms, tmp_path)}")
-    from data_prep import msd
+    from data_prep.datalist import make_datalist
+    from data_prep.msd import load_dataset
 
-    listing = msd.make_datalist(msd.load_dataset(root), seed=cfg.seed, val_fraction=cfg.data.val_fraction)
+    listing = make_datalist(load_dataset(root), seed=cfg.seed, val_fraction=cfg.data.val_fraction)
     _, moved = _split_unlabeled(cfg, dict(listing))
     by_case = {e["case"]: e["label"] for e in listing["training"]}
     broken = [by_case[e["case"]] for e in moved if e["case"] in by_case]

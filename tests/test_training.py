@@ -15,7 +15,8 @@ from segan.config import load_config
 from segan.errors import UserError
 from segan.methods import METHODS
 from segan.runtime import DistContext
-from segan.training import Trainer, adversarial_weight, run_training
+from segan.train_run import run_training
+from segan.training import Trainer, adversarial_weight
 from tests.conftest import SMOKE, make_phantoms, smoke_config
 
 

@@ -26,7 +26,7 @@ from torch import nn
 from segan.checkpoint import make_meta, save_checkpoint
 from segan.config import Config, to_dict
 from segan.errors import TrainingDiverged
-from segan.methods import METHODS, Step, fused_pass_is_exact
+from segan.methods import METHODS, Step, fused_pass_is_exact, total_loss
 from segan.methods.adversarial import ramped
 from segan.optim import ProgressSchedule, build_optimizer
 from segan.progress import Progress
@@ -233,12 +233,8 @@ class Trainer:
         with self._autocast():
             terms = self.method.segmentor_terms(self.critic if train_critic else None, step, w_adv)
         terms, balance = self.method.balance(terms, self.segmentor)  # adv_balance: fixed returns terms as given
-        total = None
-        for term in terms.values():
-            weighted = term.weight * term.value
-            total = weighted if total is None else total + weighted
         self.opt_seg.zero_grad(set_to_none=True)
-        total.backward()
+        total_loss(terms).backward()
         self.opt_seg.step()
         self.method.after_segmentor_step(self.segmentor, step)
         if train_critic:

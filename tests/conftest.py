@@ -45,6 +45,26 @@ def run_cli(*args: object, cwd: str | Path | None = None, env: dict[str, str] | 
                           cwd=str(cwd) if cwd else None, env=full_env, timeout=timeout)
 
 
+def tiny_sweep_workspace(tmp_path: Path, db_template: Path, monkeypatch: pytest.MonkeyPatch, experiment: str,
+                         *extra: str) -> tuple[str, list[str]]:
+    """Work in ``tmp_path`` with a copy of the template MLflow store as ``mlflow_runs/mlflow.db``;
+    returns the default tracking URI and the ``--set`` list of a few-second 2D training on
+    ``tmp_path/phantoms`` (32^2 patches, a 2-level U-Net, one step), then ``extra``."""
+    import shutil
+
+    from segan import tracking
+
+    monkeypatch.chdir(tmp_path)
+    (tmp_path / "mlflow_runs").mkdir()
+    shutil.copyfile(db_template, tmp_path / "mlflow_runs" / "mlflow.db")
+    monkeypatch.delenv("MLFLOW_TRACKING_URI", raising=False)
+    sets = [f"data.root={tmp_path / 'phantoms'}", f"preprocess.cache_dir={tmp_path / 'cache'}",
+            f"experiment={experiment}", "train.epochs=1", "train.steps_per_epoch=1", "train.batch_size=2",
+            "train.val_max_cases=1", "data.patch_size=[32, 32]", "model.channels=[4, 8]", "model.strides=[2]",
+            "model.critic_channels=[4, 8]", *extra]
+    return tracking.default_tracking_uri(), sets
+
+
 @pytest.fixture(scope="session")
 def phantoms_small(tmp_path_factory: pytest.TempPathFactory) -> Path:
     """A 6-case, 48^3, seed-0 phantom set in MSD layout (4 training, 2 test cases).

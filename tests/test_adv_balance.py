@@ -8,7 +8,7 @@ import pytest
 import torch
 
 from segan.config import Config, MethodConfig, load_config
-from segan.methods import METHODS, Step
+from segan.methods import METHODS, Step, total_loss
 from segan.methods.adversarial import AdversarialSchedule, adaptive_weight
 from segan.nets.segmentor import build_segmentor, output_layer
 from segan.runtime import DistContext
@@ -133,12 +133,8 @@ def _reference_step(tr: Trainer, image: torch.Tensor, target: torch.Tensor, w_ad
     tr.method.after_critic_step(tr.critic)
     tr.critic.requires_grad_(False)
     terms = tr.method.segmentor_terms(tr.critic, step, w_adv)
-    total = None
-    for term in terms.values():
-        weighted = term.weight * term.value
-        total = weighted if total is None else total + weighted
     tr.opt_seg.zero_grad(set_to_none=True)
-    total.backward()
+    total_loss(terms).backward()
     tr.opt_seg.step()
     tr.critic.requires_grad_(True)
 

@@ -20,7 +20,7 @@ from pathlib import Path
 
 import pytest
 
-from conftest import run_cli
+from conftest import run_cli, tiny_sweep_workspace
 from segan import tracking
 from segan.config import Config, to_dict
 from segan.errors import UserError
@@ -194,15 +194,7 @@ def test_sweep_trains_children_under_one_parent_then_compares(tmp_path, db_templ
     # In-process (the CLI wiring is click's; `segan compare` is run as a real process above).
     # Four real trainings: 32^3 phantoms and a 2-level U-Net keep each to a few seconds.
     generate(tmp_path / "phantoms", cases=4, size=32, seed=0, test_fraction=0.25)
-    monkeypatch.chdir(tmp_path)
-    (tmp_path / "mlflow_runs").mkdir()
-    shutil.copyfile(db_template, tmp_path / "mlflow_runs" / "mlflow.db")
-    monkeypatch.delenv("MLFLOW_TRACKING_URI", raising=False)
-    uri = tracking.default_tracking_uri()
-    sets = [f"data.root={tmp_path / 'phantoms'}", f"preprocess.cache_dir={tmp_path / 'cache'}",
-            "experiment=sweep-test", "train.epochs=1", "train.steps_per_epoch=1", "train.batch_size=2",
-            "train.val_max_cases=1", "data.patch_size=[32, 32]", "model.channels=[4, 8]", "model.strides=[2]",
-            "model.critic_channels=[4, 8]"]
+    uri, sets = tiny_sweep_workspace(tmp_path, db_template, monkeypatch, "sweep-test")
     assert run_sweep(str(SMOKE), methods="segan,supervised", seeds="0,1", overrides=sets, tracking_uri=None) == 0
     out = capsys.readouterr().out
     groups = out[out.index("Mean ± std per method"):].split("\n\n")[1].splitlines()[2:]

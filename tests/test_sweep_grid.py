@@ -3,12 +3,11 @@
 from __future__ import annotations
 
 import json
-import shutil
 from pathlib import Path
 
 import pytest
 
-from conftest import run_cli
+from conftest import run_cli, tiny_sweep_workspace
 from segan import tracking
 from segan.errors import UserError
 from segan.sweep_grid import ChildResult, child_run_name, efficiency_series, grid_cells, parse_grid, split_values
@@ -52,15 +51,7 @@ def test_label_count_sweep_plots_and_never_overwrites(tmp_path, db_template, mon
     from segan.sweep import run_sweep
 
     generate(tmp_path / "phantoms", cases=5, size=32, seed=0, test_fraction=0.2)  # 4 train: 3 + 1 validation
-    monkeypatch.chdir(tmp_path)
-    (tmp_path / "mlflow_runs").mkdir()
-    shutil.copyfile(db_template, tmp_path / "mlflow_runs" / "mlflow.db")
-    monkeypatch.delenv("MLFLOW_TRACKING_URI", raising=False)
-    uri = tracking.default_tracking_uri()
-    sets = [f"data.root={tmp_path / 'phantoms'}", f"preprocess.cache_dir={tmp_path / 'cache'}",
-            "experiment=grid", "train.epochs=1", "train.steps_per_epoch=1", "train.batch_size=2",
-            "train.val_max_cases=1", "data.patch_size=[32, 32]", "model.channels=[4, 8]", "model.strides=[2]",
-            "model.critic_channels=[4, 8]", "train.progress=false"]
+    uri, sets = tiny_sweep_workspace(tmp_path, db_template, monkeypatch, "grid", "train.progress=false")
     with pytest.raises(UserError, match="data.labeled_cases: 9 not in 1..3"):
         run_sweep(str(SMOKE), methods="supervised", seeds="0", overrides=sets, tracking_uri=None,
                   grid=["data.labeled_cases=1,9"])

@@ -119,6 +119,15 @@ class Term(NamedTuple):
     weight: float | torch.Tensor
 
 
+def total_loss(terms: Mapping[str, Term]) -> torch.Tensor:
+    """``sum(weight * value)`` over the terms: the scalar the segmentor step minimises."""
+    total = None
+    for term in terms.values():
+        weighted = term.weight * term.value
+        total = weighted if total is None else total + weighted
+    return total
+
+
 class Method:
     """Supervised base: the segmentation loss only, no critic.
 

@@ -146,3 +146,25 @@ def test_dynunet_with_too_few_levels_is_a_user_error():
     cfg = load_config(CONFIGS / "smoke.yaml", ["model.segmentor=dynunet", "model.channels=[4, 8]", "model.strides=[2]"])
     with pytest.raises(UserError, match=r"^model.segmentor dynunet needs at least 2 'model.strides' .*got 1 strides"):
         build_segmentor(cfg.model, 2, 4, 3)
+
+
+def test_pad_to_stride_replicates_the_edge_not_zeros():
+    """An odd-sized z-scored slice is padded with its own border values: a zero border would be
+    "mean tissue" beside a background of about -4, which training patches never contain."""
+    from segan.nets.segmentor import PadToStride
+
+    seen = {}
+
+    class Record(torch.nn.Module):
+        def forward(self, x):
+            seen["x"] = x.clone()
+            return x
+
+    x = torch.full((1, 1, 42, 47), -4.0)
+    x[..., 10:30, 10:30] = 1.0
+    out = PadToStride(Record(), 8)(x)
+    padded = seen["x"]
+    assert padded.shape[2:] == (48, 48)
+    assert torch.equal(out, x)                               # cropped back exactly
+    assert float(padded.max()) == 1.0 and float(padded[..., :3, :].max()) == -4.0  # border = background
+    assert not (padded == 0).any()

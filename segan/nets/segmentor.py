@@ -16,7 +16,7 @@ from segan.config import ModelConfig
 
 
 class PadToStride(nn.Module):
-    """Wrap ``net``: pad ``(N, C, *spatial)`` to multiples of ``divisor``, crop the output back."""
+    """Wrap ``net``: pad ``(N, C, *spatial)`` to multiples of ``divisor`` (edge replicated), crop the output back."""
 
     def __init__(self, net: nn.Module, divisor: int) -> None:
         super().__init__()
@@ -31,7 +31,10 @@ class PadToStride(nn.Module):
         pad: list[int] = []
         for e in reversed(extra):  # F.pad wants the last dim first
             pad += [e // 2, e - e // 2]
-        y = self.net(F.pad(x, pad))
+        # Replicate the edge, not zeros: after z-scoring, 0 is the mean foreground intensity, so
+        # a zero border put a band of "tissue" beside the (cropped) head edge that training never
+        # showed (its patches pad with the channel minimum) and false positives grew there.
+        y = self.net(F.pad(x, pad, mode="replicate"))
         slices = [slice(None), slice(None)] + [slice(e // 2, e // 2 + s) for e, s in zip(extra, spatial)]
         return y[tuple(slices)]
 

@@ -52,11 +52,14 @@ def test_patch_depth_and_batch():
     d = rule_patch([160, 192, 140], 2, "cpu")
     assert d.values["data.patch_size"] == [160, 192] and d.values["model.strides"] == [2] * 5
     assert len(d.values["model.channels"]) == 6
+    assert d.values["model.channels"][:2] == [16, 32]     # CPU: a narrower U-Net
+    assert rule_patch([160, 192, 140], 2, "cuda").values["model.channels"][:2] == [32, 64]
     d = rule_patch([300, 300, 40], 3, "cuda")         # anisotropic patch: depth from the short axis
     assert d.values["data.patch_size"] == [160, 160, 40] and len(d.values["model.strides"]) == 3
     assert 4 <= 40 // 2 ** 3 <= 8
     assert rule_batch([160, 160, 40], 3, 1).values["train.batch_size"] == 2
     assert rule_batch([64, 64], 2, 8).values["train.batch_size"] == 32
+    assert rule_batch([64, 64], 2, 8, "cpu").values["train.batch_size"] == 16
 
 
 def test_normalisation_ct_with_dataset_stats_and_mr_zscore(fps):

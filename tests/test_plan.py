@@ -53,6 +53,7 @@ def test_patch_depth_and_batch():
     assert d.values["data.patch_size"] == [160, 192] and d.values["model.strides"] == [2] * 5
     assert len(d.values["model.channels"]) == 6
     assert d.values["model.channels"][:2] == [16, 32]     # CPU: a narrower U-Net
+    assert d.values["model.critic_channels"] == [16, 32, 64]
     assert rule_patch([160, 192, 140], 2, "cuda").values["model.channels"][:2] == [32, 64]
     d = rule_patch([300, 300, 40], 3, "cuda")         # anisotropic patch: depth from the short axis
     assert d.values["data.patch_size"] == [160, 160, 40] and len(d.values["model.strides"]) == 3

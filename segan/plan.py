@@ -27,8 +27,8 @@ ANISOTROPY_LIMIT = 3.0                     # nnU-Net's threshold for a "low-reso
 BOTTLENECK = (4, 8)                        # voxels per axis at the U-Net's bottleneck
 MAX_DEPTH = 5
 PATCH_CAP = {(2, "cpu"): 256, (2, "cuda"): 512, (3, "cpu"): 64, (3, "cuda"): 160}
-BATCH_RANGE = {2: (2, 32), 3: (2, 8)}
-CPU_BATCH_MAX = 16                         # a CPU budget buys more, smaller steps
+# Batch range per (dims, device); a CPU budget buys more, smaller steps (2D at most 16 there).
+BATCH_RANGE = {(2, "cpu"): (2, 16), (2, "cuda"): (2, 32), (3, "cpu"): (2, 8), (3, "cuda"): (2, 8)}
 # First-block width: nnU-Net's 32 on CUDA; 16 on CPU, where a minutes budget is sample-starved
 # (t1_2mm, 3 min: width 16 test Dice 0.84 against 0.60-0.67 with width 32 at batch 32 or 16).
 BASE_WIDTH = {"cpu": 16, "cuda": 32}
@@ -143,10 +143,8 @@ def rule_patch(shape: list[int], dims: int, device: str) -> Decision:
 
 def rule_batch(patch: list[int], dims: int, memory_gb: float, device: str = "cuda") -> Decision:
     """Batch from the memory budget (activations ~``BYTES_PER_VOXEL`` per input voxel,
-    half the budget kept free), within ``BATCH_RANGE`` (on CPU at most ``CPU_BATCH_MAX``)."""
-    lo, hi = BATCH_RANGE[dims]
-    if device == "cpu":
-        hi = min(hi, CPU_BATCH_MAX)
+    half the budget kept free), within the device's ``BATCH_RANGE``."""
+    lo, hi = BATCH_RANGE[(dims, device)]
     fit = int(memory_gb * 1e9 * 0.5 / (math.prod(patch) * BYTES_PER_VOXEL))
     batch = max(lo, min(hi, fit))
     return Decision("batch", {"train.batch_size": batch},

@@ -80,7 +80,21 @@ def _test_dice(csv_path: Path) -> tuple[float, dict]:
 
 
 def run_job(job: Job, data: Path, minutes: float) -> Result:
+    """Train, predict and score one job; a job whose ``result.json`` holds the same request is not run again."""
     job.out.mkdir(parents=True, exist_ok=True)
+    done, request = job.out / "result.json", {"config": job.config, "seed": job.seed, "sets": job.sets,
+                                              "minutes": minutes, "data": str(data)}
+    if done.is_file():
+        saved = json.loads(done.read_text())
+        if saved.get("request") == request:
+            return Result(**saved["result"])
+    result = _run_job(job, data, minutes)
+    if result.exit_code == 0:  # failed jobs run again next time
+        done.write_text(json.dumps({"request": request, "result": asdict(result)}, indent=1))
+    return result
+
+
+def _run_job(job: Job, data: Path, minutes: float) -> Result:
     log = job.out / "log.txt"
     start = time.monotonic()
     train = segan("train", "-c", job.config, "--out", job.out / "run", "--set", f"data.root={data}",

@@ -123,11 +123,12 @@ def main(argv: list[str] | None = None) -> int:
     variants = list(dict.fromkeys(args.variants.split(",") + (["t1_2mm"] if args.one_channel else [])))
     args.out.mkdir(parents=True, exist_ok=True)
     jobs: list[tuple[dict, Job, Path]] = []
+    # seed-major order: a run cut short still has every method at the first seeds (jobs resume)
     for variant in variants:
         data = args.data if args.data else prepare(args.out, variant, args.cases, args.size)
-        for n in labeled:
-            for name, config, sets in methods:
-                for seed in seeds:
+        for seed in seeds:
+            for n in labeled:
+                for name, config, sets in methods:
                     tag = f"{variant}-l{n}-{name.replace('+', '_')}-seed{seed}"
                     job = Job(tag, config, seed, args.out / "runs" / tag, [f"data.labeled_cases={n}", *sets,
                                                                            *args.sets])

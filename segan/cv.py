@@ -6,7 +6,9 @@ fold ``i``; the test cases stay out. Every fold's data list is written before an
 trains (``OUTDIR/fold_i/datalist.json``, the recorded split), the fold models go to
 ``OUTDIR/fold_i/`` as child runs of the parent run, and the parent gets the CV mean ± std of
 every validation Dice (best epoch of each fold). ``OUTDIR/cv.json`` lists the fold
-checkpoints: ``segan predict -m OUTDIR`` averages them (:mod:`segan.ensemble`).
+checkpoints: ``segan predict -m OUTDIR`` averages them (:mod:`segan.ensemble`), then applies
+the post-processing chosen on the folds' out-of-fold predictions (:mod:`segan.cv_post`, also in
+``cv.json``; the parent run logs ``oof_dice_before`` / ``oof_dice_after``).
 """
 
 from __future__ import annotations
@@ -99,6 +101,17 @@ def run_cv(config: str, folds: int, overrides: list[str], out_dir: str | None, t
             parent.finish("FAILED")
         raise
     summary = cv_summary(records) if records else {}
+    post: dict = {}
+    if status == "FINISHED":
+        from segan.cv_post import choose_postprocessing
+        from segan.runtime import resolve_device
+
+        post = choose_postprocessing(folder, checkpoints, [lists[r["fold"]] for r in records],
+                                     device=str(resolve_device(base.train.device)))
+        if post:
+            summary.update({k: post[k] for k in ("oof_dice_before", "oof_dice_after")})
+            print(f"[cv] post-processing chosen on the out-of-fold cases: {post['post'] or 'the config as it is'} "
+                  f"(mean Dice {post['oof_dice_before']:.4f} -> {post['oof_dice_after']:.4f})", file=sys.stderr)
     if parent:
         if summary:
             parent.log_metrics(summary, step=0)
@@ -107,7 +120,7 @@ def run_cv(config: str, folds: int, overrides: list[str], out_dir: str | None, t
         atomic_write_text(folder / CV_FILE, json.dumps(
             {"k": folds, "folds": checkpoints, "metric": "val_dice_mean",
              "mean": summary.get("cv_val_dice_mean_mean"), "std": summary.get("cv_val_dice_mean_std"),
-             "per_fold": records, "run_id": parent.run_id if parent else None}, indent=2) + "\n")
+             "per_fold": records, "run_id": parent.run_id if parent else None, **post}, indent=2) + "\n")
     lines = [f"{k[3:-5]}: {v:.4f} ± {summary[k[:-5] + '_std']:.4f}" for k, v in summary.items() if k.endswith("_mean")]
     print(f"{status}: {len(records)}/{folds} folds; CV (best epoch per fold) " + "; ".join(lines)
           + (f"; model: {folder} (segan predict -m {folder})" if status == "FINISHED" else ""))

@@ -19,7 +19,9 @@ Uncertainty (``--uncertainty``), per region and voxel, on the scan's grid:
 
 A cross-validation folder (written by ``segan train --folds K``) holds ``cv.json`` with
 ``{"folds": ["fold_0/best.pt", ...]}``, paths relative to the folder; ``-m FOLDER``
-expands to those checkpoints.
+expands to those checkpoints, and its ``"post"`` (per-region threshold and largest component,
+chosen on the folds' out-of-fold predictions by :mod:`segan.cv_post`) replaces the members'
+``post`` for the averaged probabilities; ``model.json`` records it.
 """
 
 from __future__ import annotations
@@ -72,6 +74,18 @@ def _cv_folds(path: Path) -> list[str]:
     return folds
 
 
+def cv_post_choice(models: list[str]) -> dict | None:
+    """The post-processing a cross-validation chose on its out-of-fold cases (``cv.json`` ``"post"``,
+    :mod:`segan.cv_post`), when ``models`` is that one CV folder; else None (each model's own ``post``)."""
+    if len(models) != 1 or models[0].startswith(("runs:/", "models:/")):
+        return None
+    path = Path(models[0]).expanduser() / CV_FILE
+    if not path.is_file():
+        return None
+    post = json.loads(path.read_text()).get("post")  # readable: expand_models parsed it already
+    return post if isinstance(post, dict) else None
+
+
 def _regions(meta: dict) -> list[tuple[str, list[int]]]:
     return [(str(n), [int(i) for i in ids]) for n, ids in zip(meta["region_names"], meta["region_labels"])]
 
@@ -100,6 +114,9 @@ class Ensemble:
 
     members: list[Predictor]
     sources: list[tuple[str, Path]]
+    # per-region post-processing chosen by a cross-validation (cv.json "post"); None: the first member's
+    region_post: list | None = None
+    post_source: str | None = None
 
     @classmethod
     def load(cls, models: list[str], device: torch.device, sw_batch: int | None = None,
@@ -109,6 +126,12 @@ class Ensemble:
                    for _, path in sources]
         ensemble = cls(members, sources)
         ensemble.check_compatible()
+        chosen = cv_post_choice(models)
+        if chosen is not None:
+            from segan.cv_post import region_posts
+
+            ensemble.region_post = region_posts(members[0].post, chosen, list(members[0].meta["region_names"]))
+            ensemble.post_source = str(Path(models[0]) / CV_FILE)
         return ensemble
 
     def check_compatible(self) -> None:
@@ -156,7 +179,12 @@ class Ensemble:
             unc = np.clip(total_sq / count - (total / count) ** 2, 0.0, None).astype(np.float32)
         elif kind == "entropy":
             unc = binary_entropy(prob)
-        masks = self.members[0].region_masks(prob)
+        if self.region_post is not None:
+            from segan.postprocess import postprocess
+
+            masks = postprocess(prob, self.region_post)
+        else:
+            masks = self.members[0].region_masks(prob)
         return EnsembleOutput(regions_to_labels(masks, self.meta["region_labels"]), prob, masks, unc)
 
     def info(self, given: list[str], uncertainty: str | None) -> str:
@@ -168,6 +196,10 @@ class Ensemble:
                 "regions": dict(zip(meta["region_names"], meta["region_labels"])),
                 "labels": {str(k): v for k, v in meta.get("label_names", {}).items()},
                 "uncertainty": uncertainty}
+        if self.region_post is not None:
+            info["post"] = {"from": self.post_source, **{
+                name: {"threshold": c.threshold, "largest_component": c.largest_component}
+                for name, c in zip(meta["region_names"], self.region_post)}}
         return json.dumps(info, indent=2) + "\n"
 
 

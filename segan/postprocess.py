@@ -16,6 +16,8 @@ diagonal structure stays one object.
 
 from __future__ import annotations
 
+from typing import Sequence
+
 import numpy as np
 from scipy import ndimage
 from skimage import measure, morphology
@@ -52,10 +54,18 @@ def clean_mask(mask: np.ndarray, largest_component: bool = False, min_size: int 
     return mask
 
 
-def postprocess(prob: np.ndarray, cfg: PostprocessConfig) -> np.ndarray:
-    """``(K, X, Y, Z)`` probabilities -> ``(K, X, Y, Z)`` boolean masks, one per region."""
+def postprocess(prob: np.ndarray, cfg: PostprocessConfig | Sequence[PostprocessConfig]) -> np.ndarray:
+    """``(K, X, Y, Z)`` probabilities -> ``(K, X, Y, Z)`` boolean masks, one per region.
+
+    ``cfg``: one setting for every region, or one per region (e.g. chosen by a cross-validation,
+    :mod:`segan.cv_post`).
+    """
+    prob = np.asarray(prob)
+    cfgs = [cfg] * len(prob) if isinstance(cfg, PostprocessConfig) else list(cfg)
+    if len(cfgs) != len(prob):
+        raise ValueError(f"{len(cfgs)} post-processing settings for {len(prob)} regions")
     return np.stack([
-        clean_mask(p > cfg.threshold, largest_component=cfg.largest_component, min_size=cfg.min_size,
-                   fill_holes=cfg.fill_holes)
-        for p in np.asarray(prob)
+        clean_mask(p > c.threshold, largest_component=c.largest_component, min_size=c.min_size,
+                   fill_holes=c.fill_holes)
+        for p, c in zip(prob, cfgs)
     ])

@@ -77,6 +77,38 @@ def test_cv_folder_predicts_as_the_mean_of_its_folds(cv_run, phantoms_small: Pat
         np.testing.assert_allclose(nib.load(ens_file).get_fdata(), mean, atol=1e-5)
     info = json.loads((tmp_path / "ens" / "model.json").read_text())
     assert len(info["models"]) == 2
+    cv = json.loads((out / "cv.json").read_text())
+    assert info["post"]["from"] == str(out / "cv.json")
+    for region in info["regions"]:  # the CV's choice, else the config's threshold 0.5
+        assert info["post"][region]["threshold"] == cv["post"].get(region, {}).get("threshold", 0.5)
+
+
+def test_cv_chooses_postprocessing_on_out_of_fold_cases_and_the_ensemble_applies_it(
+        cv_run, phantoms_small: Path, tmp_path: Path) -> None:
+    import shutil
+
+    from mlflow.tracking import MlflowClient
+
+    out, uri, proc = cv_run
+    cv = json.loads((out / "cv.json").read_text())
+    labelled = len(list((phantoms_small / "labelsTr").iterdir()))
+    assert cv["oof_cases"] == labelled and isinstance(cv["post"], dict)
+    assert 0.0 <= cv["oof_dice_before"] <= cv["oof_dice_after"] <= 1.0
+    parent = [r for r in MlflowClient(uri).search_runs([MlflowClient(uri).get_experiment_by_name("cvtest")
+                                                        .experiment_id]) if r.data.tags.get("segan.role") == "cv"][0]
+    assert parent.data.metrics["oof_dice_after"] == pytest.approx(cv["oof_dice_after"])
+    assert "post-processing chosen on the out-of-fold cases" in proc.stderr
+    # a choice that removes everything: the ensemble's label maps are empty, its probabilities unchanged
+    copy = tmp_path / "cvcopy"
+    shutil.copytree(out, copy, ignore=shutil.ignore_patterns("mlruns", "*.db"))
+    cv["post"] = {r: {"threshold": 1.0, "largest_component": True} for r in ("whole_tumour", "tumour_core", "enhancing")}
+    (copy / "cv.json").write_text(json.dumps(cv))
+    scans = phantoms_small / "imagesTs"
+    assert run_cli("predict", "-m", copy, "-i", scans, "-o", tmp_path / "none", "--probabilities").returncode == 0
+    masks = sorted(p for p in (tmp_path / "none").glob("*.nii.gz") if not p.name.endswith("_prob.nii.gz"))
+    assert masks and all(not nib.load(m).get_fdata().any() for m in masks)
+    probs = sorted((tmp_path / "none").glob("*_prob.nii.gz"))
+    assert probs and any(nib.load(p).get_fdata().max() > 0.5 for p in probs)
 
 
 def test_bad_fold_counts_exit_2_with_one_line(phantoms_small: Path, tmp_path: Path) -> None:

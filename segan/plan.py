@@ -193,28 +193,43 @@ def rule_budget(minutes: Optional[float], step_s: float, n_cases: int, val_pass_
 
 # ----------------------------------------------------------------------------- trial
 def trial_step(model_values: dict[str, Any], dims: int, in_channels: int, out_channels: int,
-               patch: list[int], batch: int, device: str) -> float:
-    """Seconds of one forward/backward of the planned segmentor on ``(batch, C, *patch)``
-    (second of two steps, the first warms up); ``torch.cuda.OutOfMemoryError`` propagates."""
+               patch: list[int], batch: int, device: str, method: str = "supervised") -> float:
+    """Seconds of one whole training step of ``method`` with the planned model on a synthetic
+    ``(batch, C, *patch)`` batch: the critic update(s) and the segmentor update, with an
+    unlabelled batch of the same size for a method that draws one (the median of three steps
+    after a warm-up one). Timing the segmentor alone planned SegAN's epochs for a step half
+    as long as its real one, so it stopped on the clock. ``torch.cuda.OutOfMemoryError``
+    propagates."""
+    import tempfile
+
     import torch
 
-    from segan.config import ModelConfig
-    from segan.nets.segmentor import build_segmentor
+    from segan.bench import ModeRunner
+    from segan.config_layers import resolve_config
+    from segan.methods import METHODS
 
-    cfg = ModelConfig(channels=list(model_values["model.channels"]), strides=list(model_values["model.strides"]))
-    net = build_segmentor(cfg, dims, in_channels, out_channels).to(device)
-    x = torch.randn(batch, in_channels, *patch, device=device)
-    seconds = 0.0
-    for _ in range(2):
-        start = time.perf_counter()
-        net(x).float().mean().backward()
-        if device.startswith("cuda"):
-            torch.cuda.synchronize()
-        seconds = time.perf_counter() - start
-    return seconds
+    cfg = resolve_config(None, [f"method.name={method}"]).config
+    cfg.data.spatial_dims, cfg.data.patch_size, cfg.train.batch_size = dims, list(patch), batch
+    cfg.data.channels = [f"channel_{i}" for i in range(in_channels)]
+    cfg.data.regions = {f"region_{k}": [k + 1] for k in range(out_channels)}
+    for key in ("channels", "strides", "critic_channels"):
+        if f"model.{key}" in model_values:
+            setattr(cfg.model, key, list(model_values[f"model.{key}"]))
+    with tempfile.TemporaryDirectory(prefix="segan-plan-") as tmp:
+        runner = ModeRunner.build(cfg, "fast", torch.device(device), Path(tmp))
+        image_u = runner.image if METHODS[method].uses_unlabeled else None
+        seconds = []
+        for _ in range(4):
+            start = time.perf_counter()
+            runner.trainer.train_step(runner.image, runner.target, runner.w_adv, image_u=image_u)
+            if device.startswith("cuda"):
+                torch.cuda.synchronize()
+            seconds.append(time.perf_counter() - start)
+    return sorted(seconds[1:])[1]  # the median of three steps after a warm-up one
 
 
-def _fit(patch_d: Decision, batch_d: Decision, dims: int, fp: dict, device: str) -> tuple[float, str]:
+def _fit(patch_d: Decision, batch_d: Decision, dims: int, fp: dict, device: str,
+         method: str = "supervised") -> tuple[float, str]:
     """Run the trial, halving the batch on out-of-memory; returns (seconds, note)."""
     import torch
 
@@ -223,9 +238,9 @@ def _fit(patch_d: Decision, batch_d: Decision, dims: int, fp: dict, device: str)
     batch = batch_d.values["train.batch_size"]
     while True:
         try:
-            s = trial_step(patch_d.values, dims, len(fp["channels"]), n_out, patch, batch, device)
+            s = trial_step(patch_d.values, dims, len(fp["channels"]), n_out, patch, batch, device, method)
             batch_d.values["train.batch_size"] = batch
-            return s, f"trial forward/backward on {device}: {s:.3g} s/step at batch {batch}"
+            return s, f"trial {method} step on {device}: {s:.3g} s/step at batch {batch}"
         except torch.cuda.OutOfMemoryError:
             torch.cuda.empty_cache()
             if batch <= 1:
@@ -252,7 +267,7 @@ def make_plan(fp: dict, method: str = "segan", dims: str = "auto", device: str =
     batch_d = rule_batch(patch_d.values["data.patch_size"], nd, memory, kind)
     patch = patch_d.values["data.patch_size"]
     if trial:
-        step_s, note = _fit(patch_d, batch_d, nd, fp, device)
+        step_s, note = _fit(patch_d, batch_d, nd, fp, device, method)
     else:
         step_s = math.prod(patch) * batch_d.values["train.batch_size"] / VOXELS_PER_SECOND[kind]
         note = f"trial skipped: ~{step_s:.3g} s/step estimated from {VOXELS_PER_SECOND[kind]:.0e} voxels/s"

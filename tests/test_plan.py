@@ -90,9 +90,12 @@ def test_budget_keeps_validation_under_a_tenth():
     assert rule_budget(None, 0.2, 10, 3.0).values == {}
 
 
-def test_trial_step_runs_forward_backward():
-    s = trial_step({"model.channels": [4, 8], "model.strides": [2]}, 2, 1, 1, [16, 16], 2, "cpu")
-    assert s > 0
+def test_trial_step_times_the_whole_method_step():
+    # a critic much wider than the segmentor: SegAN's step is dominated by the critic's passes
+    model = {"model.channels": [4, 8], "model.strides": [2], "model.critic_channels": [32, 64, 128]}
+    sup = min(trial_step(model, 2, 1, 2, [64, 64], 8, "cpu", "supervised") for _ in range(2))
+    segan = min(trial_step(model, 2, 1, 2, [64, 64], 8, "cpu", "segan") for _ in range(2))
+    assert 0 < 2 * sup < segan
 
 
 def test_plan_for_each_variant_resolves_with_its_method(fps, tmp_path):
@@ -115,7 +118,7 @@ def test_cli_writes_a_commented_config_and_bad_input_exits_2(fps, tmp_path):
     out = tmp_path / "plan.yaml"
     res = run_cli("plan", fps["t1_2mm"][0], "-o", out, "--minutes", "2", "--method", "segan", env=env)
     assert res.returncode == 0, res.stderr
-    assert "spacing: median spacing 2 x 2 x 2 mm" in res.stdout and "trial forward/backward on cpu" in res.stdout
+    assert "spacing: median spacing 2 x 2 x 2 mm" in res.stdout and "trial segan step on cpu" in res.stdout
     cfg = resolve_config(out).config
     assert cfg.preprocess.spacing is None and cfg.data.spatial_dims == 2 and cfg.train.max_minutes == 2
     assert cfg.method.name == "segan" and cfg.model.critic == "segan"

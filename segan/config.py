@@ -154,6 +154,7 @@ class TrainConfig:
     threads: Optional[int] = None
     log_every: int = 10  # fetch losses from the device every N steps (no per-step sync)
     progress: bool = True  # a step bar on a terminal (one line per epoch is always written)
+    fit_temperature: bool = False  # after training: per-region temperature on validation -> post.temperature
 
 
 @dataclass
@@ -162,6 +163,7 @@ class PostprocessConfig:
     largest_component: bool = False
     min_size: int = 0  # drop connected objects smaller than this (voxels)
     fill_holes: bool = False
+    temperature: Optional[list[float]] = None  # per region: p = sigmoid(logit(p) / T) (segan.calibration)
     overlap: float = 0.5  # sliding-window overlap (3D)
     sw_batch_size: int = 4
 
@@ -295,6 +297,9 @@ def _check_choices(cfg: Config) -> None:
     for key, value in positive.items():
         if value < 1:
             raise UserError(f"config key '{key}' must be at least 1, got {value}")
+    if cfg.post.temperature is not None and not all(t > 0 for t in cfg.post.temperature):
+        raise UserError(f"config key 'post.temperature' holds one positive number per region, got "
+                        f"{cfg.post.temperature}; drop it to predict uncalibrated probabilities")
     if not 0.0 <= cfg.method.semi_threshold <= 1.0:
         raise UserError(f"config key 'method.semi_threshold' is a confidence in [0, 1], got {cfg.method.semi_threshold}")
 

@@ -104,9 +104,14 @@ class Predictor:
                              f"got shape {tuple(x.shape)}")
         if x.shape[0] == 0:
             return torch.zeros((0, len(self.meta["region_names"]), *x.shape[2:]), device=self.device)
-        return predict_batch(self.model, x.to(self.device), self.spatial_dims, list(self.meta["patch_size"]),
+        prob = predict_batch(self.model, x.to(self.device), self.spatial_dims, list(self.meta["patch_size"]),
                              sw_batch_size=self.sw_batch, overlap=self.overlap, tta=tta, amp=self.amp,
                              per_flip=per_flip)
+        if self.post.temperature:  # fitted on validation by train.fit_temperature (segan.calibration)
+            from segan.calibration import apply_temperature
+
+            prob = apply_temperature(prob, self.post.temperature, dim=2 if per_flip else 1)
+        return prob
 
     def masks(self, batch: np.ndarray | torch.Tensor, tta: bool = False) -> np.ndarray:
         """Like :meth:`probabilities`, thresholded at ``post.threshold``: uint8 ``(N, K, *spatial)``.

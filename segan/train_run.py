@@ -8,6 +8,7 @@ checkpoint when asked, runs :meth:`segan.training.Trainer.fit` and records why i
 from __future__ import annotations
 
 import json
+import sys
 import time
 from dataclasses import dataclass, field
 from pathlib import Path
@@ -136,6 +137,8 @@ def run_training(cfg: Config, out_dir: str | Path | None = None, resume: str | P
         if dist.is_main:
             tracker.log_curves(trainer.history)
             best = out / "best.pt"
+            if cfg.train.fit_temperature:
+                _fit_temperature(trainer, best if best.exists() else out / "last.pt", tracker)
             tracker.log_model(best if best.exists() else out / "last.pt", register=register)
         result.status = "FINISHED"
     except TrainingDiverged as exc:
@@ -165,3 +168,25 @@ def run_training(cfg: Config, out_dir: str | Path | None = None, resume: str | P
         tdist.barrier()
         tdist.destroy_process_group()
     return result
+
+
+def _fit_temperature(trainer, checkpoint: Path, tracker) -> None:
+    """``train.fit_temperature``: per-region temperature on the validation cases, into ``checkpoint``."""
+    from segan.calibration import calibrate, store_temperature
+    from segan.predictor import Predictor
+
+    cfg = trainer.cfg
+    cases = trainer.data.val_cases[: cfg.train.val_max_cases] if cfg.train.val_max_cases else trainer.data.val_cases
+    if not cases:
+        print("warning: train.fit_temperature: no validation cases; the probabilities stay uncalibrated",
+              file=sys.stderr)
+        return
+    model = Predictor.from_checkpoint(checkpoint, trainer.device).model
+    temperatures, metrics = calibrate(model, cases, trainer.data.region_names, cfg.data.spatial_dims,
+                                      cfg.data.patch_size, trainer.device, amp=trainer.amp,
+                                      overlap=cfg.post.overlap, sw_batch_size=cfg.post.sw_batch_size, seed=cfg.seed)
+    store_temperature(checkpoint, temperatures)
+    tracker.log_metrics(metrics, step=trainer.epoch)
+    print("temperature on the validation cases: " + ", ".join(
+        f"{name} T={t:.3g} (ECE {metrics[f'calib_ece_{name}_before']:.4f} -> {metrics[f'calib_ece_{name}_after']:.4f})"
+        for name, t in zip(trainer.data.region_names, temperatures)) + f"; stored in {checkpoint}", file=sys.stderr)

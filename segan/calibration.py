@@ -11,7 +11,7 @@ sample of voxels, 1-D bounded search on ``log T``), writes it into that checkpoi
 ``post.temperature`` (so :class:`segan.predictor.Predictor` applies it to every prediction,
 ensembles and uncertainty maps included) and logs ``temperature_<region>`` with the expected
 calibration error on the fitted voxels before and after (``calib_ece_<region>_before`` /
-``_after``, :func:`ece`).
+``_after``, :func:`ece`, the metric of validation's ``val_ece_*``).
 """
 
 from __future__ import annotations
@@ -60,16 +60,17 @@ def fit_temperature(z: np.ndarray, y: np.ndarray) -> float:
     return float(np.exp(minimize_scalar(nll, bounds=LOG_T_RANGE, method="bounded").x))
 
 
-def ece(prob: np.ndarray, y: np.ndarray, bins: int = 15) -> float:
-    """Expected calibration error of 1-D probabilities: 15 equal-width bins, |mean y - mean p| by bin share."""
-    prob, y = np.asarray(prob, dtype=np.float64), np.asarray(y, dtype=np.float64)
-    idx = np.minimum((prob * bins).astype(int), bins - 1)
-    total = 0.0
-    for b in range(bins):
-        sel = idx == b
-        if sel.any():
-            total += sel.mean() * abs(y[sel].mean() - prob[sel].mean())
-    return float(total)
+def ece(prob: np.ndarray, y: np.ndarray) -> float:
+    """Expected calibration error of 1-D probabilities against 0/1 truth: MONAI's
+    ``CalibrationErrorMetric`` with the bins of validation's ``val_ece_*`` (one ECE in the code base)."""
+    from monai.metrics import CalibrationErrorMetric
+
+    from segan.validation import ECE_BINS
+
+    metric = CalibrationErrorMetric(num_bins=ECE_BINS, include_background=True, metric_reduction="mean")
+    value = metric(y_pred=torch.as_tensor(np.asarray(prob), dtype=torch.float32)[None, None],
+                   y=torch.as_tensor(np.asarray(y), dtype=torch.float32)[None, None])
+    return float(value.reshape(-1)[0])
 
 
 @torch.no_grad()

@@ -50,23 +50,28 @@ def region_posts(base: PostprocessConfig, chosen: dict[str, dict] | None,
             for name in region_names]
 
 
-def dice(pred: np.ndarray, truth: np.ndarray) -> float:
-    """Dice of two boolean masks; 1.0 when both are empty (the convention of :mod:`segan.metrics`, whose
-    MONAI path also computes HD95 and would make the 10-candidates-per-region search slow)."""
-    total = int(pred.sum()) + int(truth.sum())
-    return 1.0 if total == 0 else 2.0 * int(np.logical_and(pred, truth).sum()) / total
+def mean_dice(masks: np.ndarray, truth: np.ndarray, region_labels: list[list[int]]) -> float:
+    """Mean Dice over regions of boolean ``masks`` ``(K, X, Y, Z)`` read back through the label map that
+    ``segan predict`` writes, against boolean ``truth`` ``(K, X, Y, Z)`` (MONAI's ``compute_dice``: a region
+    empty on both sides scores 1, as in :mod:`segan.metrics`)."""
+    import torch
+    from monai.metrics import compute_dice
+
+    from segan.regions import labels_to_regions, regions_to_labels
+
+    written = labels_to_regions(regions_to_labels(masks, region_labels), region_labels)
+    dice = compute_dice(torch.from_numpy(np.asarray(written, dtype=np.float32))[None],
+                        torch.from_numpy(np.asarray(truth, dtype=np.float32))[None],
+                        include_background=True, ignore_empty=False)
+    return float(dice.mean())
 
 
 def case_score(prob: np.ndarray, truth: np.ndarray, posts: list[PostprocessConfig],
                region_labels: list[list[int]]) -> float:
-    """Mean Dice over regions of ``prob`` ``(K, X, Y, Z)`` post-processed with ``posts`` (one per region),
-    read back through the written label map, against boolean ``truth`` ``(K, X, Y, Z)``."""
+    """:func:`mean_dice` of ``prob`` ``(K, X, Y, Z)`` post-processed with ``posts`` (one per region)."""
     from segan.postprocess import postprocess
-    from segan.regions import labels_to_regions, regions_to_labels
 
-    masks = postprocess(prob, posts)
-    written = labels_to_regions(regions_to_labels(masks, region_labels), region_labels).astype(bool)
-    return float(np.mean([dice(written[k], truth[k]) for k in range(len(posts))]))
+    return mean_dice(postprocess(prob, posts), truth, region_labels)
 
 
 def select(cases: list[tuple[Path, Path]], base: PostprocessConfig, region_names: list[str],
@@ -74,16 +79,24 @@ def select(cases: list[tuple[Path, Path]], base: PostprocessConfig, region_names
     """``cases``: ``(probabilities .npy (K, X, Y, Z), truth .npy (K, X, Y, Z) bool)`` per out-of-fold case.
 
     Returns (changed settings per region, mean Dice with the config's setting, mean Dice with the choice).
+    Each pass over the regions reads every case once and post-processes the other regions once.
     """
+    from segan.postprocess import postprocess
+
+    def loaded():
+        return ((np.load(p), np.load(t)) for p, t in cases)
+
     cands = candidates(base)
     posts = [base] * len(region_names)
-
-    def mean_score(trial: list[PostprocessConfig]) -> float:
-        return float(np.mean([case_score(np.load(p), np.load(t), trial, region_labels) for p, t in cases]))
-
-    before = current = mean_score(posts)
+    before = current = float(np.mean([case_score(prob, truth, posts, region_labels) for prob, truth in loaded()]))
     for k in range(len(region_names)):
-        scores = [mean_score(posts[:k] + [c] + posts[k + 1:]) if c is not base else current for c in cands]
+        per_candidate: list[list[float]] = [[] for _ in cands]
+        for prob, truth in loaded():
+            masks = postprocess(prob, posts)
+            for j, c in enumerate(cands[1:], start=1):  # cands[0] is base, scored as ``current``
+                masks[k] = postprocess(prob[k:k + 1], c)[0]
+                per_candidate[j].append(mean_dice(masks, truth, region_labels))
+        scores = [current] + [float(np.mean(v)) for v in per_candidate[1:]]
         best = int(np.argmax(scores))
         if scores[best] >= current + MIN_GAIN:
             posts[k], current = cands[best], scores[best]

@@ -5,8 +5,8 @@ there is one prediction path. Each member is a :class:`segan.predictor.Predictor
 replays its own checkpoint's preprocessing and maps its probabilities back onto the scan's
 own grid (:meth:`~segan.predictor.Predictor.scan_probabilities`); the ensemble averages
 those ``(K, X, Y, Z)`` maps, then thresholds and post-processes once with the first
-member's ``post`` settings. Members must predict the same regions (names and label ids)
-from the same channels, else :class:`~segan.errors.UserError` (exit 2) names both models.
+member's ``post`` settings (or a CV folder's out-of-fold choice, below). Members must predict
+the same regions (names and label ids) from the same channels, else :class:`~segan.errors.UserError` (exit 2) names both models.
 
 Uncertainty (``--uncertainty``), per region and voxel, on the scan's grid:
 
@@ -114,9 +114,9 @@ class Ensemble:
 
     members: list[Predictor]
     sources: list[tuple[str, Path]]
-    # per-region post-processing chosen by a cross-validation (cv.json "post"); None: the first member's
-    region_post: list | None = None
-    post_source: str | None = None
+    # one PostprocessConfig per region: the first member's post, or a CV's out-of-fold choice
+    posts: list
+    post_source: str | None = None  # the cv.json the choice came from
 
     @classmethod
     def load(cls, models: list[str], device: torch.device, sw_batch: int | None = None,
@@ -124,14 +124,12 @@ class Ensemble:
         sources = expand_models(models, tracking_uri)
         members = [Predictor.from_checkpoint(path, device, sw_batch=sw_batch, overlap=overlap)
                    for _, path in sources]
-        ensemble = cls(members, sources)
-        ensemble.check_compatible()
-        chosen = cv_post_choice(models)
-        if chosen is not None:
-            from segan.cv_post import region_posts
+        from segan.cv_post import region_posts
 
-            ensemble.region_post = region_posts(members[0].post, chosen, list(members[0].meta["region_names"]))
-            ensemble.post_source = str(Path(models[0]) / CV_FILE)
+        chosen = cv_post_choice(models)
+        ensemble = cls(members, sources, region_posts(members[0].post, chosen, list(members[0].meta["region_names"])),
+                       str(Path(models[0]) / CV_FILE) if chosen is not None else None)
+        ensemble.check_compatible()
         return ensemble
 
     def check_compatible(self) -> None:
@@ -158,6 +156,7 @@ class Ensemble:
     def predict(self, image: np.ndarray, affine: np.ndarray, tta: bool = False,
                 uncertainty: bool = False) -> EnsembleOutput:
         """``image`` ``(C, X, Y, Z)`` on its own grid -> :class:`EnsembleOutput` on that grid."""
+        from segan.postprocess import postprocess
         from segan.regions import regions_to_labels
 
         kind = self.uncertainty_kind(tta) if uncertainty else None
@@ -179,12 +178,7 @@ class Ensemble:
             unc = np.clip(total_sq / count - (total / count) ** 2, 0.0, None).astype(np.float32)
         elif kind == "entropy":
             unc = binary_entropy(prob)
-        if self.region_post is not None:
-            from segan.postprocess import postprocess
-
-            masks = postprocess(prob, self.region_post)
-        else:
-            masks = self.members[0].region_masks(prob)
+        masks = postprocess(prob, self.posts)
         return EnsembleOutput(regions_to_labels(masks, self.meta["region_labels"]), prob, masks, unc)
 
     def info(self, given: list[str], uncertainty: str | None) -> str:
@@ -196,10 +190,10 @@ class Ensemble:
                 "regions": dict(zip(meta["region_names"], meta["region_labels"])),
                 "labels": {str(k): v for k, v in meta.get("label_names", {}).items()},
                 "uncertainty": uncertainty}
-        if self.region_post is not None:
+        if self.post_source is not None:
             info["post"] = {"from": self.post_source, **{
                 name: {"threshold": c.threshold, "largest_component": c.largest_component}
-                for name, c in zip(meta["region_names"], self.region_post)}}
+                for name, c in zip(meta["region_names"], self.posts)}}
         return json.dumps(info, indent=2) + "\n"
 
 

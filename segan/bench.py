@@ -134,6 +134,7 @@ class ModeRunner:
     target: torch.Tensor
     w_adv: float
     losses: torch.Tensor
+    image_u: torch.Tensor | None = None  # the unlabelled batch, when the method draws one (Method.draws_unlabeled)
     n_steps: int = 0
 
     @classmethod
@@ -148,9 +149,15 @@ class ModeRunner:
         image, target = synthetic_batch(c.train.batch_size, len(trainer.data.channels),
                                         len(trainer.data.region_names), c.data.patch_size, trainer.device,
                                         seed=cfg.seed)
+        image_u = None
+        if trainer.method.draws_unlabeled:  # a semi-supervised step segments an unlabelled batch as well
+            image_u, _ = synthetic_batch(trainer.unlabeled_batch_size, len(trainer.data.channels),
+                                         len(trainer.data.region_names), c.data.patch_size, trainer.device,
+                                         seed=cfg.seed + 1)
         # the adversarial term on, so both critic passes of SegAN's step run
         w_adv = c.method.w_adv if c.method.w_adv > 0 else 0.1
-        return cls(mode, c, trainer, image, target, w_adv, torch.zeros(len(trainer.loss_names), device=trainer.device))
+        return cls(mode, c, trainer, image, target, w_adv, torch.zeros(len(trainer.loss_names), device=trainer.device),
+                   image_u)
 
     def activate(self) -> None:
         """Global flags are per mode (the Trainer sets them at construction)."""
@@ -158,11 +165,12 @@ class ModeRunner:
             torch.backends.cudnn.benchmark = bool(self.cfg.train.cudnn_benchmark)
 
     def step(self) -> None:
-        image, target = self.image, self.target
+        image, target, image_u = self.image, self.target, self.image_u
         fmt = self.trainer.memory_format
         if fmt is not None:  # as train_epoch does with each loaded batch
             image, target = image.contiguous(memory_format=fmt), target.contiguous(memory_format=fmt)
-        self.losses += self.trainer.train_step(image, target, self.w_adv)
+            image_u = image_u.contiguous(memory_format=fmt) if image_u is not None else None
+        self.losses += self.trainer.train_step(image, target, self.w_adv, image_u=image_u)
         self.n_steps += 1
 
     def run(self, n: int) -> float:

@@ -14,7 +14,6 @@ RAS); 2D training slices the last (axial) axis.
 from __future__ import annotations
 
 import math
-import time
 from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any, Optional
@@ -193,20 +192,19 @@ def rule_budget(minutes: Optional[float], step_s: float, n_cases: int, val_pass_
 
 # ----------------------------------------------------------------------------- trial
 def trial_step(model_values: dict[str, Any], dims: int, in_channels: int, out_channels: int,
-               patch: list[int], batch: int, device: str, method: str = "supervised") -> float:
+               patch: list[int], batch: int, device: str, method: str) -> float:
     """Seconds of one whole training step of ``method`` with the planned model on a synthetic
-    ``(batch, C, *patch)`` batch: the critic update(s) and the segmentor update, with an
-    unlabelled batch of the same size for a method that draws one (the median of three steps
-    after a warm-up one). Timing the segmentor alone planned SegAN's epochs for a step half
-    as long as its real one, so it stopped on the clock. ``torch.cuda.OutOfMemoryError``
-    propagates."""
+    ``(batch, C, *patch)`` batch, as :class:`segan.bench.ModeRunner` runs it: the critic update(s)
+    and the segmentor update (the planned data has no unlabelled stream, so no unlabelled batch);
+    the median of three steps after a warm-up one. Timing the segmentor alone planned SegAN's
+    epochs for a step half as long as its real one, so it stopped on the clock.
+    ``torch.cuda.OutOfMemoryError`` propagates."""
     import tempfile
 
     import torch
 
     from segan.bench import ModeRunner
     from segan.config_layers import resolve_config
-    from segan.methods import METHODS
 
     cfg = resolve_config(None, [f"method.name={method}"]).config
     cfg.data.spatial_dims, cfg.data.patch_size, cfg.train.batch_size = dims, list(patch), batch
@@ -217,19 +215,12 @@ def trial_step(model_values: dict[str, Any], dims: int, in_channels: int, out_ch
             setattr(cfg.model, key, list(model_values[f"model.{key}"]))
     with tempfile.TemporaryDirectory(prefix="segan-plan-") as tmp:
         runner = ModeRunner.build(cfg, "fast", torch.device(device), Path(tmp))
-        image_u = runner.image if METHODS[method].uses_unlabeled else None
-        seconds = []
-        for _ in range(4):
-            start = time.perf_counter()
-            runner.trainer.train_step(runner.image, runner.target, runner.w_adv, image_u=image_u)
-            if device.startswith("cuda"):
-                torch.cuda.synchronize()
-            seconds.append(time.perf_counter() - start)
-    return sorted(seconds[1:])[1]  # the median of three steps after a warm-up one
+        runner.run(1)  # warm-up
+        return sorted(runner.run(1) for _ in range(3))[1]
 
 
 def _fit(patch_d: Decision, batch_d: Decision, dims: int, fp: dict, device: str,
-         method: str = "supervised") -> tuple[float, str]:
+         method: str) -> tuple[float, str]:
     """Run the trial, halving the batch on out-of-memory; returns (seconds, note)."""
     import torch
 

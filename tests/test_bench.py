@@ -129,3 +129,23 @@ def test_loader_falls_back_to_generated_phantoms(tmp_path):
     assert res["source"].startswith("generated phantoms (2 cases of 32^3")
     assert res["batches"] == 3 and res["batch_size"] == 4 and res["samples_per_s"] > 0
     assert not (tmp_path / "missing").exists()
+
+
+@pytest.mark.parametrize("method,sets,draws", [("segan", [], False), ("bce", [], False), ("supervised", [], False),
+                                                ("meanteacher", ["data.labeled_cases=2"], True),
+                                                ("segan", ["data.labeled_cases=2"], True)])
+def test_runner_segments_an_unlabelled_batch_only_when_the_loop_would(tmp_path, method, sets, draws):
+    """The bench (and segan plan's trial) time the step the loop runs: an unlabelled batch only for a
+    method that uses one on data that has one (segan and bce use it, but not without a stream)."""
+    import torch
+
+    from segan.bench import ModeRunner
+    from segan.config_layers import resolve_config
+
+    cfg = resolve_config(None, [f"method.name={method}", "data.patch_size=[32, 32]", "train.batch_size=2",
+                                "model.channels=[4, 8]", "model.strides=[2]", "model.critic_channels=[4, 8]",
+                                *sets]).config
+    runner = ModeRunner.build(cfg, "fast", torch.device("cpu"), tmp_path)
+    assert (runner.image_u is not None) == draws == runner.trainer.method.draws_unlabeled
+    runner.run(1)
+    assert runner.n_steps == 1 and torch.isfinite(runner.losses).all()

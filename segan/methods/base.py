@@ -162,6 +162,13 @@ class Method:
         self.schedule = AdversarialSchedule(cfg.method)
         self._last_layer: torch.Tensor | None = None
 
+    @property
+    def draws_unlabeled(self) -> bool:
+        """Whether a training step segments an unlabelled batch: the method uses one and the config
+        gives the data an unlabelled stream (``data.unlabeled`` or ``data.labeled_cases``)."""
+        d = self.cfg.data
+        return bool(self.uses_unlabeled) and (d.unlabeled is not None or d.labeled_cases is not None)
+
     # ---------------------------------------------------------------- adversarial balance
     @property
     def balance_names(self) -> tuple[str, ...]:

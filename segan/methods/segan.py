@@ -55,9 +55,7 @@ class SegAN(Method):
     @property
     def loss_names(self) -> tuple[str, ...]:  # type: ignore[override]
         """``loss_semi_fm`` is logged only when the config gives the data an unlabelled stream."""
-        d = self.cfg.data
-        semi = self.uses_unlabeled and (d.unlabeled is not None or d.labeled_cases is not None)
-        return ("loss_seg", "loss_adv", "loss_semi_fm") if semi else ("loss_seg", "loss_adv")
+        return ("loss_seg", "loss_adv", "loss_semi_fm") if self.draws_unlabeled else ("loss_seg", "loss_adv")
 
     @property
     def critic_in_channels(self) -> int:

@@ -90,7 +90,9 @@ def run_job(job: Job, data: Path, minutes: float) -> Result:
             return Result(**saved["result"])
     result = _run_job(job, data, minutes)
     if result.exit_code == 0:  # failed jobs run again next time
-        done.write_text(json.dumps({"request": request, "result": asdict(result)}, indent=1))
+        from segan.io_utils import atomic_write_text  # a job cut short never leaves half a result
+
+        atomic_write_text(done, json.dumps({"request": request, "result": asdict(result)}, indent=1))
     return result
 
 

@@ -2,8 +2,8 @@
 the ensemble with the post-processing the CV chose on its out-of-fold cases (``segan predict -m CVFOLDER``).
 
 Input: a folder written by ``segan train --folds K`` and an MSD folder with ``imagesTs``/``labelsTs``.
-A CV folder written before the out-of-fold choice existed gets it first (``cv.json`` rewritten in
-place, atomically; :mod:`segan.cv_post`). Every prediction is ``segan predict`` and every score
+A CV folder written before the out-of-fold choice existed gets it in a copy of its ``cv.json``
+under ``OUT/cv_model`` (:mod:`segan.cv_post`; the CV folder is never written). Every prediction is ``segan predict`` and every score
 ``segan evaluate`` (subprocesses, as a user runs them); prints a markdown table and writes
 ``OUT/cv_ensemble.json``.
 
@@ -22,17 +22,23 @@ sys.path.insert(0, str(Path(__file__).resolve().parent))
 from compare_configs import _test_dice, segan  # noqa: E402
 
 
-def ensure_post(cv_folder: Path) -> dict:
-    """``cv.json``, with the out-of-fold post-processing choice added when it lacks one."""
+def with_post(cv_folder: Path, out: Path) -> tuple[Path, dict]:
+    """The CV model to predict with and its ``cv.json``: ``cv_folder`` itself when its ``cv.json`` holds the
+    out-of-fold choice; else ``OUT/cv_model/cv.json``, a copy with the choice added and absolute fold
+    paths (the CV folder, an input, is never written)."""
     from segan.cv_post import choose_postprocessing
     from segan.io_utils import atomic_write_text
 
     cv = json.loads((cv_folder / "cv.json").read_text())
-    if "post" not in cv:
-        lists = [json.loads((cv_folder / Path(f).parent / "datalist.json").read_text()) for f in cv["folds"]]
-        cv.update(choose_postprocessing(cv_folder, cv["folds"], lists))
-        atomic_write_text(cv_folder / "cv.json", json.dumps(cv, indent=2) + "\n")
-    return cv
+    if "post" in cv:
+        return cv_folder, cv
+    lists = [json.loads((cv_folder / Path(f).parent / "datalist.json").read_text()) for f in cv["folds"]]
+    cv.update(choose_postprocessing(cv_folder, cv["folds"], lists))
+    cv["folds"] = [str((cv_folder / f).resolve()) for f in cv["folds"]]
+    model = out / "cv_model"
+    model.mkdir(parents=True, exist_ok=True)
+    atomic_write_text(model / "cv.json", json.dumps(cv, indent=2) + "\n")
+    return model, cv
 
 
 def score(models: list[Path], data: Path, out: Path, log: Path) -> tuple[float, dict]:
@@ -55,14 +61,14 @@ def main(argv: list[str] | None = None) -> int:
     args = ap.parse_args(argv)
     args.out.mkdir(parents=True, exist_ok=True)
     log = args.out / "log.txt"
-    cv = ensure_post(args.cv_folder)
-    folds = [args.cv_folder / f for f in cv["folds"]]
+    model, cv = with_post(args.cv_folder, args.out)
+    folds = [model / f for f in cv["folds"]]
     rows = []
     for i, fold in enumerate(folds):
         rows.append((f"fold {i}", *score([fold], args.data, args.out / f"fold_{i}", log)))
     rows.append(("ensemble, plain average (threshold 0.5)", *score(folds, args.data, args.out / "ensemble_plain", log)))
     rows.append(("ensemble + out-of-fold post-processing (segan predict -m CV)",
-                 *score([args.cv_folder], args.data, args.out / "ensemble", log)))
+                 *score([model], args.data, args.out / "ensemble", log)))
     regions = list(rows[0][2])
     lines = ["| model | test Dice mean | " + " | ".join(regions) + " |", "|---|---:|" + "---:|" * len(regions)]
     lines += [f"| {name} | {mean:.3f} | " + " | ".join(f"{per[r]:.3f}" for r in regions) + " |"

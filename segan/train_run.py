@@ -176,7 +176,7 @@ def _fit_temperature(trainer, checkpoint: Path, tracker) -> None:
     from segan.predictor import Predictor
 
     cfg = trainer.cfg
-    cases = trainer.data.val_cases[: cfg.train.val_max_cases] if cfg.train.val_max_cases else trainer.data.val_cases
+    cases = trainer.validation_cases
     if not cases:
         print("warning: train.fit_temperature: no validation cases; the probabilities stay uncalibrated",
               file=sys.stderr)

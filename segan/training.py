@@ -335,9 +335,15 @@ class Trainer:
                              pin_memory=pin_memory)
         return loader, sampler
 
+    @property
+    def validation_cases(self) -> list:
+        """The validation cases validated on: the first ``train.val_max_cases`` (all when unset)."""
+        limit = self.cfg.train.val_max_cases
+        return self.data.val_cases[:limit] if limit else self.data.val_cases
+
     def run_validation(self, final: bool) -> dict:
         cfg = self.cfg
-        cases = self.data.val_cases[: cfg.train.val_max_cases] if cfg.train.val_max_cases else self.data.val_cases
+        cases = self.validation_cases
         if not cases:
             return {}
         res = validate(self.segmentor, cases, self.data.region_names, cfg.data.spatial_dims, cfg.data.patch_size,

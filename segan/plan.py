@@ -220,30 +220,42 @@ def trial_step(model_values: dict[str, Any], dims: int, in_channels: int, out_ch
 
 
 def _fit(patch_d: Decision, batch_d: Decision, dims: int, fp: dict, device: str,
-         method: str) -> tuple[float, str]:
-    """Run the trial, halving the batch on out-of-memory; returns (seconds, note)."""
+         method: str, threads: Optional[int] = None) -> tuple[float, str]:
+    """Run the trial, halving the batch on out-of-memory; returns (seconds, note).
+
+    ``threads``: the CPU threads the run will train with (``train.threads``); the trial runs
+    with them, since a step timed on 2 threads planned twice the steps a 1-thread run can do."""
     import torch
 
     n_out = max(1, len([k for k in fp["labels"] if k != "foreground"]))
     patch = patch_d.values["data.patch_size"]
     batch = batch_d.values["train.batch_size"]
-    while True:
-        try:
-            s = trial_step(patch_d.values, dims, len(fp["channels"]), n_out, patch, batch, device, method)
-            batch_d.values["train.batch_size"] = batch
-            return s, f"trial {method} step on {device}: {s:.3g} s/step at batch {batch}"
-        except torch.cuda.OutOfMemoryError:
-            torch.cuda.empty_cache()
-            if batch <= 1:
-                raise UserError(f"one patch of {_fmt(patch)} does not fit on {device}; pass a smaller "
-                                "--memory-gb or --dims 2") from None
-            batch //= 2
+    before = torch.get_num_threads()
+    if threads:
+        torch.set_num_threads(threads)
+    try:
+        while True:
+            try:
+                s = trial_step(patch_d.values, dims, len(fp["channels"]), n_out, patch, batch, device, method)
+                batch_d.values["train.batch_size"] = batch
+                return s, (f"trial {method} step on {device} ({torch.get_num_threads()} CPU thread(s)): "
+                           f"{s:.3g} s/step at batch {batch}")
+            except torch.cuda.OutOfMemoryError:
+                torch.cuda.empty_cache()
+                if batch <= 1:
+                    raise UserError(f"one patch of {_fmt(patch)} does not fit on {device}; pass a smaller "
+                                    "--memory-gb or --dims 2") from None
+                batch //= 2
+    finally:
+        torch.set_num_threads(before)
 
 
 # ----------------------------------------------------------------------------- the plan
 def make_plan(fp: dict, method: str = "segan", dims: str = "auto", device: str = "cpu",
-              memory_gb: Optional[float] = None, minutes: Optional[float] = None, trial: bool = True) -> Plan:
-    """All rules in order; ``trial=False`` estimates the step time instead of measuring it."""
+              memory_gb: Optional[float] = None, minutes: Optional[float] = None, trial: bool = True,
+              threads: Optional[int] = None) -> Plan:
+    """All rules in order; ``trial=False`` estimates the step time instead of measuring it;
+    ``threads``: CPU threads of the trial (the run's ``train.threads``; default torch's)."""
     from segan.methods import METHODS
 
     if method not in METHODS:
@@ -258,7 +270,7 @@ def make_plan(fp: dict, method: str = "segan", dims: str = "auto", device: str =
     batch_d = rule_batch(patch_d.values["data.patch_size"], nd, memory, kind)
     patch = patch_d.values["data.patch_size"]
     if trial:
-        step_s, note = _fit(patch_d, batch_d, nd, fp, device, method)
+        step_s, note = _fit(patch_d, batch_d, nd, fp, device, method, threads)
     else:
         step_s = math.prod(patch) * batch_d.values["train.batch_size"] / VOXELS_PER_SECOND[kind]
         note = f"trial skipped: ~{step_s:.3g} s/step estimated from {VOXELS_PER_SECOND[kind]:.0e} voxels/s"
@@ -316,7 +328,8 @@ class Planned:
 
 
 def plan_data(source: str | Path, method: str = "segan", dims: str = "auto", device: str = "cpu",
-              memory_gb: Optional[float] = None, minutes: Optional[float] = None, trial: bool = True) -> Planned:
+              memory_gb: Optional[float] = None, minutes: Optional[float] = None, trial: bool = True,
+              threads: Optional[int] = None) -> Planned:
     """Fingerprint ``source`` (cached) and plan it; nothing written but the fingerprint cache.
 
     The one planner behind ``segan plan`` (:func:`run_plan`) and ``segan train --data``."""
@@ -331,7 +344,8 @@ def plan_data(source: str | Path, method: str = "segan", dims: str = "auto", dev
         if not torch.cuda.is_available():
             raise UserError("--device cuda: no CUDA device here; plan with --device cpu")
     fp, _, _ = load_fingerprint(source)
-    plan = make_plan(fp, method=method, dims=dims, device=device, memory_gb=memory_gb, minutes=minutes, trial=trial)
+    plan = make_plan(fp, method=method, dims=dims, device=device, memory_gb=memory_gb, minutes=minutes, trial=trial,
+                     threads=threads)
     plan.decisions.insert(0, data_values(source, fp))
     return Planned(plan, render_yaml(plan), fp)
 

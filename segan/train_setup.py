@@ -81,8 +81,10 @@ def resolve_train_setup(config: Optional[str], data: Optional[str], overrides: l
         return TrainSetup(resolve_config(config, [*sets, *overrides], method=method).config)
     from segan.plan import plan_data
 
+    # The trial times a step with the threads the run will use (`--set train.threads=1`).
+    threads = resolve_config(None, [o for o in overrides if o.startswith("train.threads=")]).config.train.threads
     planned = plan_data(data, method=method or "segan", dims=dims or "auto", device=_device(device),
-                        memory_gb=memory_gb, minutes=minutes)
+                        memory_gb=memory_gb, minutes=minutes, threads=threads)
     with tempfile.TemporaryDirectory(prefix="segan-plan-") as tmp:
         path = Path(tmp) / PLAN_FILE
         path.write_text(planned.yaml_text)

@@ -98,6 +98,16 @@ def test_trial_step_times_the_whole_method_step():
     assert 0 < 2 * sup < segan
 
 
+def test_trial_runs_with_the_runs_threads_and_restores_torchs(fps):
+    import torch
+
+    before = torch.get_num_threads()
+    plan = make_plan(fps["t1_2mm"][1], method="supervised", minutes=1, threads=1)
+    batch = next(d for d in plan.decisions if d.rule == "batch")
+    assert "trial supervised step on cpu (1 CPU thread(s))" in batch.reason
+    assert torch.get_num_threads() == before
+
+
 def test_plan_for_each_variant_resolves_with_its_method(fps, tmp_path):
     from segan.config_layers import resolve_config
     from segan.plan import render_yaml

@@ -17,6 +17,12 @@ is skipped on the next call (``--fresh`` reruns). Smoke test (a couple of minute
 The long version (the README's table; hours on 2 cores)::
 
     python benchmarks/plan_variants.py --out outputs/plan_variants --minutes 4 --seeds 0,1,2 --parallel 2
+
+An *arm* is a planned method with ``--set`` overrides on top of its plan, compared in the
+same run (``--arm`` is repeatable; name the arm in ``--methods``)::
+
+    python benchmarks/plan_variants.py --out OUT --methods supervised,segan,segan_adaptive \
+        --arm "segan_adaptive=segan;method.adv_balance=adaptive;method.adv_start=settled"
 """
 
 from __future__ import annotations
@@ -77,8 +83,18 @@ def run_plain(job_dir: Path, data: Path, seed: int, minutes: float) -> Result:
     return result
 
 
+def parse_arms(specs: list[str]) -> dict[str, tuple[str, list[str]]]:
+    """``NAME=METHOD;KEY=VALUE;...`` -> {NAME: (METHOD, [KEY=VALUE, ...])}."""
+    arms = {}
+    for spec in specs:
+        name, _, rest = spec.partition("=")
+        method, *sets = [part for part in rest.split(";") if part]
+        arms[name.strip()] = (method.strip(), [s.strip() for s in sets])
+    return arms
+
+
 def run_one(out: Path, variant: str, method: str, seed: int, minutes: float, cases: int, size: int,
-            fresh: bool) -> dict:
+            fresh: bool, arms: dict[str, tuple[str, list[str]]] | None = None) -> dict:
     job_dir = out / variant / f"{method}-seed{seed}"
     done = job_dir / "result.json"
     if done.is_file() and not fresh:
@@ -87,9 +103,10 @@ def run_one(out: Path, variant: str, method: str, seed: int, minutes: float, cas
     if method == PLAIN:
         result = run_plain(job_dir, data, seed, minutes)
     else:
-        config = plan(out, data, variant, method, minutes)
+        base, sets = (arms or {}).get(method, (method, []))
+        config = plan(out, data, variant, base, minutes)
         store = f"tracking.uri=sqlite:///{(out / 'mlflow.db').resolve()}"   # not ./mlflow_runs of the cwd
-        result = run_job(Job(f"{method}-seed{seed}", str(config), seed, job_dir, [store]), data, minutes)
+        result = run_job(Job(f"{method}-seed{seed}", str(config), seed, job_dir, [store, *sets]), data, minutes)
         result.config = method
     row = {"variant": variant, "method": method, **asdict(result)}
     if result.exit_code == 0:   # a failed job runs again next time
@@ -121,6 +138,8 @@ def main(argv: list[str] | None = None) -> int:
     ap.add_argument("--size", type=int, default=96, help="phantom field of view (mm)")
     ap.add_argument("--parallel", type=int, default=1)
     ap.add_argument("--fresh", action="store_true", help="rerun finished jobs too")
+    ap.add_argument("--arm", action="append", default=[], metavar="NAME=METHOD;KEY=VALUE;...",
+                    help="a planned METHOD with --set overrides, run as NAME (name it in --methods)")
     args = ap.parse_args(argv)
     os.environ.setdefault("OMP_NUM_THREADS", "1")
     variants = [v for v in args.variants.split(",") if v]
@@ -130,14 +149,16 @@ def main(argv: list[str] | None = None) -> int:
     if unknown:
         print(f"error: unknown variant(s) {', '.join(unknown)}; choose from {', '.join(VARIANTS)}", file=sys.stderr)
         return 2
+    arms = parse_arms(args.arm)
     for v in variants:   # data and plans first, in order (cheap; keeps parallel jobs from racing on them)
         data = prepare(args.out, v, args.cases, args.size)
         for m in methods:
             if m != PLAIN:
-                plan(args.out, data, v, m, args.minutes)
+                plan(args.out, data, v, arms.get(m, (m, []))[0], args.minutes)
     jobs = [(v, m, s) for v in variants for s in seeds for m in methods]
     with ThreadPoolExecutor(max(1, args.parallel)) as pool:
-        rows = list(pool.map(lambda j: run_one(args.out, *j, args.minutes, args.cases, args.size, args.fresh), jobs))
+        rows = list(pool.map(lambda j: run_one(args.out, *j, args.minutes, args.cases, args.size, args.fresh, arms),
+                             jobs))
     table = markdown(rows, variants, methods)
     head = (f"test Dice (mean ± std over seeds {args.seeds}), {args.minutes:g} min per run, one thread, "
             f"{args.cases} cases of {args.size} mm per variant")

@@ -53,6 +53,9 @@ demo: install
 	@echo "See the runs in the MLflow UI, then open http://127.0.0.1:5000:"
 	@echo "  source $(VENV)/bin/activate"
 	@echo "  $(MLFLOW_UI)"
+	@echo "Next, on your own data (README: Your own data): plan a config from the data set and train it:"
+	@echo "  segan plan /path/to/MSD_folder --method segan --minutes 15 -o my_plan.yaml"
+	@echo "  segan train --data /path/to/MSD_folder --method supervised --minutes 15   # the baseline to compare with"
 
 test: install
 	$(BIN)/python -m pytest --durations=15 $(PYTEST_ARGS)

@@ -108,6 +108,19 @@ def test_trial_runs_with_the_runs_threads_and_restores_torchs(fps):
     assert torch.get_num_threads() == before
 
 
+def test_budgeted_adversarial_plan_is_timed_for_the_segmentor_and_starts_the_critic_when_settled(fps):
+    fp = fps["t1_2mm"][1]
+    sup = make_plan(fp, method="supervised", minutes=2, threads=1)
+    for method in ("segan", "bce"):
+        adv = make_plan(fp, method=method, minutes=2, threads=1)
+        assert adv.values()["method.adv_start"] == "settled"
+        batch = next(d for d in adv.decisions if d.rule == "batch")
+        assert f"trial segmentor step ({method}'s critic starts later" in batch.reason   # not the critic's step
+    # no budget: no steps to plan, the family's fixed warm-up; no critic: nothing to start
+    assert "method.adv_start" not in make_plan(fp, method="segan", trial=False).values()
+    assert "method.adv_start" not in sup.values()
+
+
 def test_plan_for_each_variant_resolves_with_its_method(fps, tmp_path):
     from segan.config_layers import resolve_config
     from segan.plan import render_yaml
@@ -128,10 +141,11 @@ def test_cli_writes_a_commented_config_and_bad_input_exits_2(fps, tmp_path):
     out = tmp_path / "plan.yaml"
     res = run_cli("plan", fps["t1_2mm"][0], "-o", out, "--minutes", "2", "--method", "segan", env=env)
     assert res.returncode == 0, res.stderr
-    assert "spacing: median spacing 2 x 2 x 2 mm" in res.stdout and "trial segan step on cpu" in res.stdout
+    assert "spacing: median spacing 2 x 2 x 2 mm" in res.stdout and "trial segmentor step (segan's critic" in res.stdout
+    assert "critic_start: segan under a budget" in res.stdout
     cfg = resolve_config(out).config
     assert cfg.preprocess.spacing is None and cfg.data.spatial_dims == 2 and cfg.train.max_minutes == 2
-    assert cfg.method.name == "segan" and cfg.model.critic == "segan"
+    assert cfg.method.name == "segan" and cfg.model.critic == "segan" and cfg.method.adv_start == "settled"
 
     empty = tmp_path / "empty"
     empty.mkdir()

@@ -213,8 +213,8 @@ def trial_step(model_values: dict[str, Any], dims: int, in_channels: int, out_ch
     """Seconds of one whole training step of ``method`` with the planned model on a synthetic
     ``(batch, C, *patch)`` batch, as :class:`segan.bench.ModeRunner` runs it: the critic update(s)
     and the segmentor update (the planned data has no unlabelled stream, so no unlabelled batch);
-    the median of three steps after a warm-up one. Timing the segmentor alone planned SegAN's
-    epochs for a step half as long as its real one, so it stopped on the clock.
+    the median of three steps after a warm-up one. (A budgeted adversarial plan times
+    ``supervised``, its segmentor's step, on purpose: :func:`rule_critic_start`.)
     ``torch.cuda.OutOfMemoryError`` propagates."""
     import tempfile
 

@@ -151,13 +151,15 @@ def prepare_fingerprint(source: str, as_json: bool, refresh: bool) -> None:
 @click.option("--minutes", type=click.FloatRange(0.1, None), default=None, help="Wall-clock budget of the run.")
 @click.option("--trial/--no-trial", default=True, show_default=True,
               help="Measure one forward/backward of the planned segmentor (else estimate the step time).")
+@click.option("--threads", type=click.IntRange(1, None), default=None,
+              help="CPU threads the run will use: the trial is timed with them and train.threads is written.")
 def plan(data: str, out: str, method: str, dims: str, device: str, memory_gb: float | None,
-         minutes: float | None, trial: bool) -> None:
+         minutes: float | None, trial: bool, threads: int | None) -> None:
     """Plan a training config from the fingerprint of DATA (folder or data list); README: Planning."""
     from segan.plan import format_plan, run_plan
 
     result = run_plan(data, out, method=method, dims=dims, device=device, memory_gb=memory_gb,
-                      minutes=minutes, trial=trial)
+                      minutes=minutes, trial=trial, threads=threads)
     click.echo(format_plan(result))
     click.echo(f"wrote {out}; train with: segan train -c {out}  (or plan and train at once: segan train --data {data})")
 

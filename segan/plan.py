@@ -306,6 +306,9 @@ def make_plan(fp: dict, method: str = "segan", dims: str = "auto", device: str =
     if adversarial:
         decisions.append(rule_critic_start(method))
     device_d = Decision("device", {"train.device": device}, f"--device {device}")
+    if threads:   # the budget was timed with them
+        device_d.values["train.threads"] = threads
+        device_d.reason += f"; {threads} CPU thread(s), as the trial was timed"
     family = dict(METHODS[method].family.settings)
     return Plan(decisions + [device_d], method=method, family=family)
 
@@ -375,13 +378,14 @@ def plan_data(source: str | Path, method: str = "segan", dims: str = "auto", dev
 
 
 def run_plan(source: str | Path, out: str | Path, method: str = "segan", dims: str = "auto", device: str = "cpu",
-             memory_gb: Optional[float] = None, minutes: Optional[float] = None, trial: bool = True) -> Plan:
+             memory_gb: Optional[float] = None, minutes: Optional[float] = None, trial: bool = True,
+             threads: Optional[int] = None) -> Plan:
     """Fingerprint ``source``, plan, write ``out`` atomically and check it resolves."""
     from segan.config_layers import resolve_config
     from segan.io_utils import atomic_write_text
 
     planned = plan_data(source, method=method, dims=dims, device=device, memory_gb=memory_gb, minutes=minutes,
-                        trial=trial)
+                        trial=trial, threads=threads)
     atomic_write_text(Path(out), planned.yaml_text)
     resolve_config(out)   # the written file must load as `segan train -c` loads it
     return planned.plan

@@ -139,13 +139,14 @@ def test_cli_writes_a_commented_config_and_bad_input_exits_2(fps, tmp_path):
 
     env = {"SEGAN_CACHE": str(tmp_path / "cache")}
     out = tmp_path / "plan.yaml"
-    res = run_cli("plan", fps["t1_2mm"][0], "-o", out, "--minutes", "2", "--method", "segan", env=env)
+    res = run_cli("plan", fps["t1_2mm"][0], "-o", out, "--minutes", "2", "--method", "segan", "--threads", "1", env=env)
     assert res.returncode == 0, res.stderr
     assert "spacing: median spacing 2 x 2 x 2 mm" in res.stdout and "trial segmentor step (segan's critic" in res.stdout
     assert "critic_start: segan under a budget" in res.stdout
     cfg = resolve_config(out).config
     assert cfg.preprocess.spacing is None and cfg.data.spatial_dims == 2 and cfg.train.max_minutes == 2
     assert cfg.method.name == "segan" and cfg.model.critic == "segan" and cfg.method.adv_start == "settled"
+    assert cfg.train.threads == 1 and "(1 CPU thread(s))" in res.stdout   # the run uses what the trial timed
 
     empty = tmp_path / "empty"
     empty.mkdir()

@@ -29,12 +29,16 @@ from __future__ import annotations
 import json
 from dataclasses import dataclass
 from pathlib import Path
+from typing import TYPE_CHECKING
 
 import numpy as np
 import torch
 
 from segan.errors import UserError
 from segan.predictor import Predictor, resolve_model
+
+if TYPE_CHECKING:
+    from segan.config import PostprocessConfig
 
 CV_FILE = "cv.json"
 UNC_KINDS = {"variance": "variance of the members' probabilities (models x TTA flips)",
@@ -115,7 +119,7 @@ class Ensemble:
     members: list[Predictor]
     sources: list[tuple[str, Path]]
     # one PostprocessConfig per region: the first member's post, or a CV's out-of-fold choice
-    posts: list
+    posts: list[PostprocessConfig]
     post_source: str | None = None  # the cv.json the choice came from
 
     @classmethod

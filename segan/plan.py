@@ -209,13 +209,13 @@ def rule_critic_start(method: str) -> Decision:
 
 # ----------------------------------------------------------------------------- trial
 def trial_step(model_values: dict[str, Any], dims: int, in_channels: int, out_channels: int,
-               patch: list[int], batch: int, device: str, method: str) -> float:
+               patch: list[int], batch: int, device: str, method: str, critic: bool = True) -> float:
     """Seconds of one whole training step of ``method`` with the planned model on a synthetic
     ``(batch, C, *patch)`` batch, as :class:`segan.bench.ModeRunner` runs it: the critic update(s)
     and the segmentor update (the planned data has no unlabelled stream, so no unlabelled batch);
-    the median of three steps after a warm-up one. (A budgeted adversarial plan times
-    ``supervised``, its segmentor's step, on purpose: :func:`rule_critic_start`.)
-    ``torch.cuda.OutOfMemoryError`` propagates."""
+    the median of three steps after a warm-up one. ``critic=False``: the step as the loop runs it
+    before the critic starts (``w_adv`` 0: no critic update, no adversarial term), which a budgeted
+    adversarial plan times (:func:`rule_critic_start`). ``torch.cuda.OutOfMemoryError`` propagates."""
     import tempfile
 
     import torch
@@ -232,13 +232,16 @@ def trial_step(model_values: dict[str, Any], dims: int, in_channels: int, out_ch
             setattr(cfg.model, key, list(model_values[f"model.{key}"]))
     with tempfile.TemporaryDirectory(prefix="segan-plan-") as tmp:
         runner = ModeRunner.build(cfg, "fast", torch.device(device), Path(tmp))
+        if not critic:
+            runner.w_adv = 0.0   # Trainer.train_step skips the critic at w_adv 0, as in a warm-up
         runner.run(1)  # warm-up
         return sorted(runner.run(1) for _ in range(3))[1]
 
 
 def _fit(patch_d: Decision, batch_d: Decision, dims: int, fp: dict, device: str,
-         method: str, threads: Optional[int] = None) -> tuple[float, str]:
-    """Run the trial, halving the batch on out-of-memory; returns (seconds, note).
+         method: str, threads: Optional[int] = None, critic: bool = True) -> tuple[float, str]:
+    """Run the trial (``critic``: see :func:`trial_step`), halving the batch on out-of-memory;
+    returns (seconds, note).
 
     ``threads``: the CPU threads the run will train with (``train.threads``); the trial runs
     with them, since a step timed on 2 threads planned twice the steps a 1-thread run can do."""
@@ -247,15 +250,16 @@ def _fit(patch_d: Decision, batch_d: Decision, dims: int, fp: dict, device: str,
     n_out = max(1, len([k for k in fp["labels"] if k != "foreground"]))
     patch = patch_d.values["data.patch_size"]
     batch = batch_d.values["train.batch_size"]
+    what = f"{method} step" if critic else f"segmentor step ({method}'s critic starts later: critic_start)"
     before = torch.get_num_threads()
     if threads:
         torch.set_num_threads(threads)
     try:
         while True:
             try:
-                s = trial_step(patch_d.values, dims, len(fp["channels"]), n_out, patch, batch, device, method)
+                s = trial_step(patch_d.values, dims, len(fp["channels"]), n_out, patch, batch, device, method, critic)
                 batch_d.values["train.batch_size"] = batch
-                return s, (f"trial {method} step on {device} ({torch.get_num_threads()} CPU thread(s)): "
+                return s, (f"trial {what} on {device} ({torch.get_num_threads()} CPU thread(s)): "
                            f"{s:.3g} s/step at batch {batch}")
             except torch.cuda.OutOfMemoryError:
                 torch.cuda.empty_cache()
@@ -286,16 +290,13 @@ def make_plan(fp: dict, method: str = "segan", dims: str = "auto", device: str =
     patch_d = rule_patch(shape, nd, kind)
     batch_d = rule_batch(patch_d.values["data.patch_size"], nd, memory, kind)
     patch = patch_d.values["data.patch_size"]
+    # A budgeted adversarial run is planned for its step without the critic (rule_critic_start).
     adversarial = METHODS[method].has_critic and minutes is not None
-    # A budgeted adversarial run is planned for the segmentor's step (rule_critic_start).
-    timed = "supervised" if adversarial else method
     if trial:
-        step_s, note = _fit(patch_d, batch_d, nd, fp, device, timed, threads)
+        step_s, note = _fit(patch_d, batch_d, nd, fp, device, method, threads, critic=not adversarial)
     else:
         step_s = math.prod(patch) * batch_d.values["train.batch_size"] / VOXELS_PER_SECOND[kind]
         note = f"trial skipped: ~{step_s:.3g} s/step estimated from {VOXELS_PER_SECOND[kind]:.0e} voxels/s"
-    if adversarial:
-        note = note.replace("trial supervised step", f"trial segmentor step ({method}'s critic starts later: critic_start)")
     batch_d.reason += f"; {note}"
     # A validation pass: the median case in patch-sized windows, forward only (~1/3 of a step).
     windows = math.prod(shape) / math.prod(patch) if nd == 3 else shape[2] * math.prod(shape[:2]) / math.prod(patch)

@@ -130,7 +130,7 @@ class OptimConfig:
     betas: list[float] = field(default_factory=lambda: [0.9, 0.999])
     critic_betas: list[float] = field(default_factory=lambda: [0.5, 0.999])  # GAN practice (DCGAN, SegAN code)
     weight_decay: float = 0.0
-    schedule: str = "cosine"  # none | step | cosine | poly
+    schedule: str = "cosine"  # none | step | cosine | poly | wsd
     step_epochs: int = 25
     gamma: float = 0.5
     fused: bool = True  # fused Adam/AdamW kernels where the device supports them
@@ -205,7 +205,7 @@ CHOICES: dict[str, tuple[str, ...]] = {
     "method.adv_balance": ("fixed", "adaptive"),
     "method.adv_start": ("epoch", "settled"),
     "optim.name": ("adam", "adamw", "rmsprop"),
-    "optim.schedule": ("none", "step", "cosine", "poly"),
+    "optim.schedule": ("none", "step", "cosine", "poly", "wsd"),
 }
 
 

@@ -21,12 +21,23 @@ def build_optimizer(params, cfg: OptimConfig, lr: float, device: torch.device,
     return cls(params, lr=lr, betas=tuple(betas or cfg.betas), weight_decay=cfg.weight_decay, **extra)
 
 
+WSD_DECAY = 0.2  # the share of the run that ``wsd`` anneals over (the cooldown of Hägele et al.)
+
+
+def _cosine(t: float) -> float:
+    """Cosine from 1 at t=0 to 0.02 at t=1."""
+    return 0.02 + 0.98 * 0.5 * (1 + math.cos(math.pi * t))
+
+
 class ProgressSchedule:
     """Learning rate = base lr x ``factor(progress)``, progress in [0, 1].
 
     The trainer sets progress = max(epochs done / epochs, wall time used / ``train.max_minutes``),
     so a run with a time budget still anneals fully before the budget ends.
-    Schedules: none, step (x gamma every ``step_epochs``), cosine (to 2 %), poly (power 0.9).
+    Schedules: none, step (x gamma every ``step_epochs``), cosine (to 2 %), poly (power 0.9),
+    wsd ("warmup-stable-decay" without the warm-up, Hägele et al. 2024): constant, then cosine
+    to 2 % over the last ``WSD_DECAY`` of progress, so a short budget is not annealed before
+    the harder structures are learned.
     """
 
     def __init__(self, opt: torch.optim.Optimizer, cfg: OptimConfig, epochs: int) -> None:
@@ -39,7 +50,9 @@ class ProgressSchedule:
         if self.cfg.schedule == "step":
             return self.cfg.gamma ** int(t * self.epochs // max(self.cfg.step_epochs, 1))
         if self.cfg.schedule == "cosine":
-            return 0.02 + 0.98 * 0.5 * (1 + math.cos(math.pi * t))
+            return _cosine(t)
+        if self.cfg.schedule == "wsd":
+            return _cosine(max(t - (1 - WSD_DECAY), 0.0) / WSD_DECAY)
         if self.cfg.schedule == "poly":
             return (1 - t) ** 0.9
         return 1.0

@@ -1,5 +1,5 @@
 """Optimizers and learning-rate schedules the README advertises: ``adam``, ``adamw``, ``rmsprop``;
-``none``, ``step``, ``cosine``, ``poly``: the classes, their hyper-parameters, the learning rate
+``none``, ``step``, ``cosine``, ``poly``, ``wsd``: the classes, their hyper-parameters, the learning rate
 at given progress, and the rate the training loop actually sets epoch by epoch."""
 
 from __future__ import annotations
@@ -32,6 +32,8 @@ def _schedule(**kwargs) -> tuple[torch.optim.Optimizer, ProgressSchedule]:
     # cosine: to 2 % of the base rate
     ({"schedule": "cosine"}, {0.0: 1.0, 0.5: 0.51, 1.0: 0.02}),
     ({"schedule": "none"}, {0.0: 1.0, 0.7: 1.0, 1.0: 1.0}),
+    # wsd: constant for 80 %, then cosine to 2 % over the last 20 %
+    ({"schedule": "wsd"}, {0.0: 1.0, 0.5: 1.0, 0.8: 1.0, 0.9: 0.51, 1.0: 0.02}),
 ])
 def test_schedule_learning_rate_at_given_progress(kwargs, progress_to_factor):
     opt, sched = _schedule(**kwargs)

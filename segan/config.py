@@ -106,10 +106,13 @@ class MethodConfig:
     adv_balance: str = "fixed"
     adv_balance_max: float = 1e4
     # epoch: the critic starts after adv_warmup_epochs; settled: once the epoch's loss_seg improved by less than
-    # adv_settle_tol (relative) adv_settle_epochs epochs in a row, and no earlier than adv_warmup_epochs
+    # adv_settle_tol (relative) adv_settle_epochs epochs in a row, no earlier than adv_warmup_epochs, and once
+    # loss_seg is at most adv_settle_below x the first epoch's (a plateau of a model that has learned nothing,
+    # e.g. Dice + BCE still near its starting ~1.7, is not settled)
     adv_start: str = "epoch"
     adv_settle_tol: float = 0.02
     adv_settle_epochs: int = 2
+    adv_settle_below: float = 0.5
     ema_decay: float = 0.99  # meanteacher: teacher = EMA of the student's weights
     w_consistency: float = 1.0  # meanteacher: weight of the student-teacher MSE on unlabelled images
     consistency_rampup_epochs: float = 5.0  # meanteacher: sigmoid ramp-up of w_consistency (Laine & Aila)
@@ -300,6 +303,9 @@ def _check_choices(cfg: Config) -> None:
     for key, value in positive.items():
         if value < 1:
             raise UserError(f"config key '{key}' must be at least 1, got {value}")
+    if cfg.method.adv_settle_below <= 0:
+        raise UserError(f"config key 'method.adv_settle_below' must be positive (a share of the first epoch's "
+                        f"loss_seg), got {cfg.method.adv_settle_below}")
     if cfg.post.temperature is not None and not all(t > 0 for t in cfg.post.temperature):
         raise UserError(f"config key 'post.temperature' holds one positive number per region, got "
                         f"{cfg.post.temperature}; drop it to predict uncalibrated probabilities")

@@ -98,6 +98,16 @@ def test_settled_start_waits_for_the_loss_and_epoch_start_is_unchanged():
     for epoch, loss in enumerate([1.0, 0.5, 0.25, 0.12], start=1):
         never.end_epoch(float(epoch), loss)
     assert never.start is None
+    # A plateau that has not come down to adv_settle_below (0.5) x the first epoch's loss is not settled ...
+    plateau = AdversarialSchedule(m)
+    for epoch, loss in enumerate([1.8, 1.6, 1.59, 1.58, 1.58, 1.57], start=1):
+        plateau.end_epoch(float(epoch), loss)
+    assert plateau.start is None
+    plateau.end_epoch(7.0, 0.89)   # ... until it has (and has settled again)
+    plateau.end_epoch(8.0, 0.88)
+    assert plateau.start is None
+    plateau.end_epoch(9.0, 0.875)
+    assert plateau.start == 9.0
     # adv_start: epoch is the warm-up and ramp as before, with nothing to save.
     cfg = Config()
     cfg.method.w_adv, cfg.method.adv_warmup_epochs, cfg.method.adv_ramp_epochs = 0.2, 2, 4
@@ -160,11 +170,12 @@ def test_fixed_mode_is_bit_identical_to_the_loop_before(phantoms, tmp_path):
 def test_adaptive_and_settled_train_log_and_resume(phantoms, tmp_path):
     cfg = _cfg(phantoms, tmp_path, "method.adv_balance=adaptive", "method.adv_start=settled",
                "method.adv_warmup_epochs=0", "method.adv_settle_tol=10", "method.adv_settle_epochs=1",
+               "method.adv_settle_below=100",
                "method.adv_ramp_epochs=0", "train.epochs=3", "train.steps_per_epoch=2")
     tr = Trainer(cfg, tmp_path / "run", DistContext())
     tr.fit(None)
     h = tr.history
-    # tol 10 = any change counts as settled: epoch 1 records a loss, epoch 2's end starts the critic,
+    # tol 10 (and below 100) = any change counts as settled: epoch 1 records a loss, epoch 2's end starts the critic,
     # which trains in epoch 3 (w_adv is logged as it stood in the epoch's last step).
     assert [r["w_adv"] for r in h] == [0.0, 0.0, cfg.method.w_adv]
     assert h[0]["adv_scale"] == 0.0 and h[1]["adv_scale"] == 0.0 and h[2]["adv_scale"] > 0

@@ -2,6 +2,8 @@
 
 from __future__ import annotations
 
+from segan.bench_modes import MODES
+
 
 def _fmt(value, spec: str = ".3g", none: str = "n/a") -> str:
     return none if value is None else format(value, spec)
@@ -9,8 +11,6 @@ def _fmt(value, spec: str = ".3g", none: str = "n/a") -> str:
 
 def summarize(result: dict) -> str:
     """A readable table of a bench result (the dict :func:`run_bench` writes as JSON)."""
-    from segan.bench import MODES  # here, not at the top: segan.bench imports this module
-
     t, inf, ld, hw = result["train"], result["inference"], result["loader"], result["hardware"]
     peak = hw.get("peak_tflops") or {}
     peak_txt = ", ".join(f"{k} {v:g} TFLOP/s" for k, v in peak.items()) or "unknown"

@@ -1,4 +1,4 @@
-"""Process-level set-up: device, distributed (torchrun) context, seeding and RNG state."""
+"""Process-level set-up: device, distributed (torchrun) context and loaders, seeding and RNG state."""
 
 from __future__ import annotations
 
@@ -120,3 +120,31 @@ def allreduce_grads(module: nn.Module) -> None:
     for g in grads:
         g.copy_(flat[offset:offset + g.numel()].view_as(g))
         offset += g.numel()
+
+
+def sharded_loader(dataset, batch_size: int, num_workers: int, dist: DistContext, seed: int,
+                   pin_memory: bool = False):
+    """``(loader, sampler)``: a loader over ``dataset`` in index order (:func:`segan.data.make_loader`)
+    and, under DDP, the sampler that gives each rank its share (``None`` on one process)."""
+    from segan.data import make_loader
+
+    sampler = None
+    if dist.enabled:
+        from torch.utils.data import DistributedSampler
+
+        sampler = DistributedSampler(dataset, dist.world_size, dist.rank, shuffle=False)
+    loader = make_loader(dataset, batch_size, num_workers, sampler=sampler, seed=seed, pin_memory=pin_memory)
+    return loader, sampler
+
+
+def cycle(loader):
+    """The loader's batches, starting over when it runs out (``train.steps_per_epoch`` may ask
+    for more batches than one pass holds; the items of an epoch are fixed, so a restart
+    repeats them)."""
+    while True:
+        empty = True
+        for batch in loader:
+            empty = False
+            yield batch
+        if empty:
+            return

@@ -82,7 +82,7 @@ def _log_run_inputs(tracker, trainer: Trainer, out: Path, extra: dict[str, str] 
 def _log_stop(tracker, trainer: Trainer | None, reason: str) -> None:
     """Record why and when training stopped (``segan compare`` shows it beside the metrics)."""
     if trainer is not None:
-        tracker.log_stop(reason, trainer.epoch, trainer.step, trainer.train_seconds())
+        tracker.log_stop(reason, trainer.epoch, trainer.step, trainer.clock.seconds())
 
 
 def run_training(cfg: Config, out_dir: str | Path | None = None, resume: str | Path | None = None,

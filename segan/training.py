@@ -27,19 +27,12 @@ from segan.checkpoint import make_meta, save_checkpoint
 from segan.config import Config, to_dict
 from segan.errors import TrainingDiverged
 from segan.methods import METHODS, Step, fused_pass_is_exact, total_loss
-from segan.methods.adversarial import ramped
 from segan.optim import ProgressSchedule, build_optimizer
 from segan.progress import Progress
-from segan.runtime import (DistContext, allreduce_grads, amp_enabled, autocast, resolve_device, rng_state,
-                           set_rng_state)
+from segan.run_clock import RunClock
+from segan.runtime import (DistContext, allreduce_grads, amp_enabled, autocast, cycle, resolve_device, rng_state,
+                           set_rng_state, sharded_loader)
 from segan.validation import validate
-
-
-def adversarial_weight(cfg: Config, epoch_float: float) -> float:
-    """``w_adv`` after a segmentation-only warm-up of ``adv_warmup_epochs``, ramped linearly over
-    ``adv_ramp_epochs`` (``adv_start: epoch``; the run's schedule is ``Trainer.method.schedule``)."""
-    m = cfg.method
-    return ramped(m.w_adv, epoch_float - m.adv_warmup_epochs, m.adv_ramp_epochs)
 
 
 class Trainer:
@@ -102,10 +95,7 @@ class Trainer:
         self.step = 0
         self.best_metric = -math.inf
         self.history: list[dict] = []
-        # (monotonic deadline, budget seconds) of the running fit(); (None, None) = no budget
-        self._budget: tuple[float | None, float | None] = (None, None)
-        # seconds spent in fit() by earlier sessions (resume), and when the running fit() began
-        self._seconds_before, self._fit_start = 0.0, None
+        self.clock = RunClock()   # seconds trained (over resumed sessions), the budget's deadline
         per_rank = max(cfg.data.samples_per_epoch // (cfg.train.batch_size * dist.world_size), 1)
         self.steps_per_epoch = cfg.train.steps_per_epoch or per_rank
 
@@ -154,7 +144,7 @@ class Trainer:
             "segmentor": self.segmentor.state_dict(),
             "opt_seg": self.opt_seg.state_dict(), "sched_seg": self.sched_seg.state_dict(),
             "epoch": self.epoch, "step": self.step, "best_metric": self.best_metric,
-            "rng": rng_state(), "history": self.history, "train_seconds": self.train_seconds(),
+            "rng": rng_state(), "history": self.history, "train_seconds": self.clock.seconds(),
             "mlflow_run_id": getattr(self.tracker, "run_id", None),
         }
         if self.critic is not None:
@@ -182,7 +172,7 @@ class Trainer:
         self.epoch, self.step = int(ckpt["epoch"]), int(ckpt["step"])
         self.best_metric = float(ckpt["best_metric"])
         self.history = list(ckpt.get("history", []))
-        self._seconds_before = float(ckpt.get("train_seconds", 0.0))  # absent in older checkpoints
+        self.clock = RunClock(float(ckpt.get("train_seconds", 0.0)))  # absent in older checkpoints
         set_rng_state(ckpt["rng"])
 
     def save(self, name: str) -> Path:
@@ -256,8 +246,7 @@ class Trainer:
             loader_u, sampler_u = self._loader(self.unlabeled_set, self.unlabeled_batch_size, pin)
             streams.append((self.unlabeled_set, sampler_u))
         reason = "epochs"
-        self._budget = (deadline, budget_s)
-        self._seconds_before, self._fit_start = self.train_seconds(), time.monotonic()
+        self.clock.start(deadline, budget_s)
         # One line per epoch on rank 0, terminal or log file alike; train.progress is the step bar.
         epochs = Progress(cfg.train.epochs, "epoch", enabled=self.dist.is_main, bar=False, initial=self.epoch,
                           deadline=deadline)
@@ -266,7 +255,7 @@ class Trainer:
                 dataset.set_epoch(self.epoch)
                 if shard is not None:
                     shard.set_epoch(self.epoch)
-            stats, out_of_time = self.train_epoch(loader, deadline, loader_u)
+            stats, out_of_time = self.train_epoch(loader, loader_u)
             self.epoch += 1
             self._end_epoch_schedule(stats)
             progress = self._schedule_epoch(self.epoch) / cfg.train.epochs
@@ -313,27 +302,13 @@ class Trainer:
             dist.broadcast(t, 0)
             schedule.start = None if t.item() < 0 else float(t.item())
 
-    def train_seconds(self) -> float:
-        """Wall-clock seconds spent in :meth:`fit` so far, over every session of this run."""
-        running = time.monotonic() - self._fit_start if self._fit_start is not None else 0.0
-        return self._seconds_before + running
-
     @property
     def unlabeled_batch_size(self) -> int:
         return self.cfg.data.unlabeled_batch_size or self.cfg.train.batch_size
 
     def _loader(self, dataset, batch_size: int, pin_memory: bool):
         """A loader over ``dataset`` in index order and, under DDP, the sampler that shards it."""
-        from segan.data import make_loader
-
-        sampler = None
-        if self.dist.enabled:
-            from torch.utils.data import DistributedSampler
-
-            sampler = DistributedSampler(dataset, self.dist.world_size, self.dist.rank, shuffle=False)
-        loader = make_loader(dataset, batch_size, self.cfg.data.num_workers, sampler=sampler, seed=self.cfg.seed,
-                             pin_memory=pin_memory)
-        return loader, sampler
+        return sharded_loader(dataset, batch_size, self.cfg.data.num_workers, self.dist, self.cfg.seed, pin_memory)
 
     @property
     def validation_cases(self) -> list:
@@ -353,7 +328,7 @@ class Trainer:
             self.tracker.log_overlay(*res.overlay, self.data.region_names, self.epoch)
         return res.metrics
 
-    def train_epoch(self, loader, deadline: float | None, loader_u=None) -> tuple[dict, bool]:
+    def train_epoch(self, loader, loader_u=None) -> tuple[dict, bool]:
         cfg = self.cfg
         self.segmentor.train()
         if self.critic is not None:
@@ -367,8 +342,8 @@ class Trainer:
         bar = Progress(self.steps_per_epoch, f"epoch {self.epoch + 1}/{cfg.train.epochs}", "step",
                        enabled=cfg.train.progress and self.dist.is_main, lines=False)
         postfix = None
-        batches = _cycle(loader)
-        batches_u = _cycle(loader_u) if loader_u is not None else None
+        batches = cycle(loader)
+        batches_u = cycle(loader_u) if loader_u is not None else None
         for i in range(self.steps_per_epoch):
             batch = next(batches)
             image = self._to_device(batch["image"])
@@ -391,7 +366,7 @@ class Trainer:
                 count += n
                 window.zero_()
                 postfix = {name.removeprefix("loss_"): f"{v:.3f}" for name, v in zip(names, values)}
-                out_of_time = self._out_of_time(deadline)
+                out_of_time = self._out_of_time()
             bar.update(1, postfix)
             if out_of_time:
                 break
@@ -409,14 +384,8 @@ class Trainer:
         return tensor.contiguous(memory_format=self.memory_format) if self.memory_format is not None else tensor
 
     def _schedule_epoch(self, epoch: float) -> float:
-        """The epoch the schedules (learning rate, adversarial warm-up) should act on: with a
-        ``train.max_minutes`` budget, the time used counts too, so a short budget still
-        walks the whole schedule (warm-up, ramp, annealing) before it ends."""
-        deadline, budget_s = self._budget
-        if deadline is None or not budget_s:
-            return epoch
-        used = 1 - (deadline - time.monotonic()) / budget_s
-        return max(epoch, min(used, 1.0) * self.cfg.train.epochs)
+        """The epoch the schedules act on (:meth:`segan.run_clock.RunClock.schedule_epoch`)."""
+        return self.clock.schedule_epoch(epoch, self.cfg.train.epochs)
 
     def _check_finite(self, values: list[float]) -> None:
         if all(math.isfinite(v) for v in values):
@@ -426,8 +395,8 @@ class Trainer:
             f"training diverged at epoch {self.epoch + 1}, step {self.step} ({named}); the last good checkpoint "
             f"is kept in {self.out_dir}; lower optim.lr / optim.critic_lr or method.w_adv and resume or restart")
 
-    def _out_of_time(self, deadline: float | None) -> bool:
-        flag = deadline is not None and time.monotonic() > deadline
+    def _out_of_time(self) -> bool:
+        flag = self.clock.past_deadline()
         if self.dist.enabled:  # every rank stops at the same step
             import torch.distributed as dist
 
@@ -436,15 +405,3 @@ class Trainer:
             flag = bool(t.item())
         return flag
 
-
-def _cycle(loader):
-    """The loader's batches, starting over when it runs out (``train.steps_per_epoch`` may ask
-    for more batches than one pass holds; the items of an epoch are fixed, so a restart
-    repeats them)."""
-    while True:
-        empty = True
-        for batch in loader:
-            empty = False
-            yield batch
-        if empty:
-            return

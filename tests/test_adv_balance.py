@@ -12,7 +12,8 @@ from segan.methods import METHODS, Step, total_loss
 from segan.methods.adversarial import AdversarialSchedule, adaptive_weight
 from segan.nets.segmentor import build_segmentor, output_layer
 from segan.runtime import DistContext
-from segan.training import Trainer, adversarial_weight
+from segan.methods.adversarial import adversarial_weight
+from segan.training import Trainer
 
 SMOKE = Path(__file__).resolve().parents[1] / "configs" / "smoke.yaml"
 

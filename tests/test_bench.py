@@ -9,7 +9,8 @@ import pytest
 import torch
 
 from conftest import REPO, run_cli
-from segan.bench import MODES, _resolve, bench_loader, mode_config, switches, synthetic_batch
+from segan.bench import _resolve, bench_loader
+from segan.bench_modes import MODES, mode_config, switches, synthetic_batch
 from segan.bench_hw import cpu_peak, cuda_peak
 from segan.config import load_config
 from segan.errors import UserError
@@ -139,7 +140,7 @@ def test_runner_segments_an_unlabelled_batch_only_when_the_loop_would(tmp_path, 
     method that uses one on data that has one (segan and bce use it, but not without a stream)."""
     import torch
 
-    from segan.bench import ModeRunner
+    from segan.bench_modes import ModeRunner
     from segan.config_layers import resolve_config
 
     cfg = resolve_config(None, [f"method.name={method}", "data.patch_size=[32, 32]", "train.batch_size=2",

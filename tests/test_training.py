@@ -16,7 +16,8 @@ from segan.errors import UserError
 from segan.methods import METHODS
 from segan.runtime import DistContext
 from segan.train_run import run_training
-from segan.training import Trainer, adversarial_weight
+from segan.methods.adversarial import adversarial_weight
+from segan.training import Trainer
 from tests.conftest import SMOKE, make_phantoms, smoke_config
 
 
@@ -220,6 +221,6 @@ def test_time_budget_drives_warmup_and_schedule(phantoms, tmp_path):
     cfg = _cfg(phantoms, tmp_path, "train.epochs=40", "method.adv_warmup_epochs=20", "method.w_adv=0.1")
     trainer = Trainer(cfg, tmp_path / "run", DistContext())
     assert trainer._schedule_epoch(3.0) == 3.0  # no budget: epochs only
-    trainer._budget = (time.monotonic() + 30.0, 100.0)  # 70 % of the budget used
+    trainer.clock.start(time.monotonic() + 30.0, 100.0)  # 70 % of the budget used
     assert trainer._schedule_epoch(3.0) == pytest.approx(28.0, abs=0.5)
     assert adversarial_weight(cfg, trainer._schedule_epoch(3.0)) == pytest.approx(0.1)

@@ -13,8 +13,8 @@ from data_prep.fingerprint import load_fingerprint
 from data_prep.io import save_nifti
 from data_prep.phantom_spec import resolve_spec
 from data_prep.phantoms import generate
-from segan.plan import (make_plan, rule_batch, rule_budget, rule_dims, rule_normalize, rule_patch,
-                        rule_spacing, trial_step)
+from segan.plan import make_plan, trial_step
+from segan.plan_rules import rule_batch, rule_budget, rule_dims, rule_normalize, rule_patch, rule_spacing
 
 
 @pytest.fixture(scope="module")
@@ -147,6 +147,8 @@ def test_cli_writes_a_commented_config_and_bad_input_exits_2(fps, tmp_path):
     assert cfg.preprocess.spacing is None and cfg.data.spatial_dims == 2 and cfg.train.max_minutes == 2
     assert cfg.method.name == "segan" and cfg.model.critic == "segan" and cfg.method.adv_start == "settled"
     assert cfg.train.threads == 1 and "(1 CPU thread(s))" in res.stdout   # the run uses what the trial timed
+    # a short planned run keeps its full learning rate for 80 % of the budget (rule_schedule)
+    assert cfg.optim.schedule == "wsd" and "# schedule: constant learning rate" in out.read_text()
 
     empty = tmp_path / "empty"
     empty.mkdir()

@@ -348,13 +348,13 @@ class Trainer:
             batch = next(batches)
             image = self._to_device(batch["image"])
             target = self._to_device(batch["target"])
+            epoch = self._schedule_epoch(self.epoch + i / self.steps_per_epoch)
+            w_adv = self.method.schedule.weight(epoch)
             image_u = uniform = None
-            if batches_u is not None:
+            if batches_u is not None and self.method.needs_unlabeled(w_adv):
                 image_u = self._to_device(next(batches_u)["image"])
                 if "uniform" in batch:
                     uniform = batch["uniform"].to(self.device, non_blocking=True)
-            epoch = self._schedule_epoch(self.epoch + i / self.steps_per_epoch)
-            w_adv = self.method.schedule.weight(epoch)
             window += self.train_step(image, target, w_adv, image_u=image_u, uniform=uniform, epoch=epoch)
             self.step += 1
             seen += image.shape[0]

@@ -116,3 +116,27 @@ def test_patchgan_uses_unlabelled_fakes(phantoms, tmp_path, method):
     assert trainer.fit(None) == "epochs"
     record = trainer.history[-1]
     assert all(np.isfinite(record[k]) for k in ("loss_seg", "loss_adv", "loss_critic")) and record["loss_adv"] != 0
+
+
+def test_unlabelled_batch_is_not_drawn_while_the_critic_waits(phantoms, tmp_path):
+    # bce's unlabelled terms all go through the critic: during its 1-epoch warm-up (w_adv 0) the loop
+    # must neither load nor segment the unlabelled batch; afterwards every step draws one.
+    cfg = _cfg(phantoms, tmp_path, "method.name=bce", "data.labeled_cases=1", "method.adv_warmup_epochs=1",
+               "method.adv_ramp_epochs=0", "train.epochs=2", "data.num_workers=0")
+    trainer = Trainer(cfg, tmp_path / "run", DistContext())
+    # count the unlabelled set's reads (its class is the labelled set's too: count this object's only)
+    reads, getitem, stream = [], type(trainer.unlabeled_set).__getitem__, trainer.unlabeled_set
+    type(stream).__getitem__ = lambda ds, i: (ds is stream and reads.append(trainer.epoch)) or getitem(ds, i)
+    try:
+        assert trainer.fit(None) == "epochs"
+    finally:
+        type(stream).__getitem__ = getitem
+    batch_u = trainer.unlabeled_batch_size
+    assert reads == [1] * (2 * batch_u)   # none in epoch 1, one batch per step (2 steps) in epoch 2
+    h = trainer.history
+    assert h[0]["loss_adv"] == 0 and h[1]["loss_adv"] > 0
+    assert trainer.method.needs_unlabeled(0.0) is False and trainer.method.needs_unlabeled(0.1) is True
+    # a method without a critic (mean teacher) uses the batch from the first step
+    mt = Trainer(_cfg(phantoms, tmp_path, "method.name=meanteacher", "data.labeled_cases=1"), tmp_path / "mt",
+                 DistContext())
+    assert mt.method.needs_unlabeled(0.0) is True

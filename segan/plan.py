@@ -132,7 +132,9 @@ def make_plan(fp: dict, method: str = "segan", dims: str = "auto", device: str =
     per_case = windows / batch_d.values["train.batch_size"] * step_s / 3
     n_val = max(1, int(round(fp["n_cases"] * VAL_FRACTION)))
     decisions = [spacing, dims_d, patch_d, batch_d, rule_normalize(fp),
-                 rule_budget(minutes, step_s, fp["n_cases"], per_case * n_val), rule_schedule()]
+                 rule_budget(minutes, step_s, fp["n_cases"], per_case * n_val)]
+    if minutes is not None:   # measured under budgets only; a plan by epochs keeps the default cosine
+        decisions.append(rule_schedule())
     if adversarial:
         decisions.append(rule_critic_start(method))
     device_d = Decision("device", {"train.device": device}, f"--device {device}")

@@ -186,7 +186,8 @@ def rule_critic_start(method: str) -> Decision:
 
 
 def rule_schedule() -> Decision:
-    """The learning-rate schedule of a planned run: ``wsd`` (constant, then cosine over the last 20 %).
+    """The learning-rate schedule of a run planned for a budget (``--minutes``): ``wsd``
+    (constant, then cosine over the last 20 %).
 
     Why: a planned run is short (minutes, tens of epochs) and the schedule follows the time used,
     so plain cosine halves the rate by mid-run; on the default phantoms in 3 min it annealed

@@ -119,6 +119,9 @@ def test_budgeted_adversarial_plan_is_timed_for_the_segmentor_and_starts_the_cri
     # no budget: no steps to plan, the family's fixed warm-up; no critic: nothing to start
     assert "method.adv_start" not in make_plan(fp, method="segan", trial=False).values()
     assert "method.adv_start" not in sup.values()
+    # the wsd schedule is planned for a budget; a plan by epochs keeps the default cosine
+    assert sup.values()["optim.schedule"] == "wsd"
+    assert "optim.schedule" not in make_plan(fp, method="segan", trial=False).values()
 
 
 def test_plan_for_each_variant_resolves_with_its_method(fps, tmp_path):

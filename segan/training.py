@@ -246,7 +246,7 @@ class Trainer:
             loader_u, sampler_u = self._loader(self.unlabeled_set, self.unlabeled_batch_size, pin)
             streams.append((self.unlabeled_set, sampler_u))
         reason = "epochs"
-        self.clock.start(deadline, budget_s)
+        self.clock.start(deadline, budget_s, agreed=self.dist.enabled)
         # One line per epoch on rank 0, terminal or log file alike; train.progress is the step bar.
         epochs = Progress(cfg.train.epochs, "epoch", enabled=self.dist.is_main, bar=False, initial=self.epoch,
                           deadline=deadline)
@@ -396,12 +396,19 @@ class Trainer:
             f"is kept in {self.out_dir}; lower optim.lr / optim.critic_lr or method.w_adv and resume or restart")
 
     def _out_of_time(self) -> bool:
+        """Whether the budget is spent. Under DDP every rank stops at the same step and takes
+        the most advanced rank's share of the budget used as the schedules' position (the
+        one sync per ``train.log_every`` steps carries both)."""
         flag = self.clock.past_deadline()
-        if self.dist.enabled:  # every rank stops at the same step
+        if self.dist.enabled:
             import torch.distributed as dist
 
-            t = torch.tensor([float(flag)], device=self.device if self.device.type == "cuda" else "cpu")
+            t = torch.tensor([float(flag), self.clock.used()],
+                             device=self.device if self.device.type == "cuda" else "cpu", dtype=torch.float64)
             dist.all_reduce(t, op=dist.ReduceOp.MAX)
-            flag = bool(t.item())
+            done, used = t.tolist()   # the one host sync of this check
+            flag = bool(done)
+            if self.clock.agreed_used is not None:
+                self.clock.agreed_used = used
         return flag
 

@@ -16,7 +16,7 @@ from segan.errors import UserError
 from segan.methods import METHODS
 from segan.runtime import DistContext
 from segan.train_run import run_training
-from segan.methods.adversarial import adversarial_weight
+from segan.methods.adversarial import AdversarialSchedule
 from segan.training import Trainer
 from tests.conftest import SMOKE, make_phantoms, smoke_config
 
@@ -81,7 +81,8 @@ def test_bf16_autocast_on_cpu_only_when_asked(phantoms, tmp_path):
 
 def test_adversarial_weight_warmup_and_ramp(phantoms, tmp_path):
     cfg = _cfg(phantoms, tmp_path, "method.w_adv=0.2", "method.adv_warmup_epochs=2", "method.adv_ramp_epochs=4")
-    assert [adversarial_weight(cfg, e) for e in (0, 1.9, 2, 4, 6, 9)] == pytest.approx([0, 0, 0, 0.1, 0.2, 0.2])
+    weight = AdversarialSchedule(cfg.method).weight   # adv_start: epoch (the default)
+    assert [weight(e) for e in (0, 1.9, 2, 4, 6, 9)] == pytest.approx([0, 0, 0, 0.1, 0.2, 0.2])
 
 
 def _default_sigint():
@@ -223,4 +224,13 @@ def test_time_budget_drives_warmup_and_schedule(phantoms, tmp_path):
     assert trainer._schedule_epoch(3.0) == 3.0  # no budget: epochs only
     trainer.clock.start(time.monotonic() + 30.0, 100.0)  # 70 % of the budget used
     assert trainer._schedule_epoch(3.0) == pytest.approx(28.0, abs=0.5)
-    assert adversarial_weight(cfg, trainer._schedule_epoch(3.0)) == pytest.approx(0.1)
+    assert trainer.method.schedule.weight(trainer._schedule_epoch(3.0)) == pytest.approx(0.1)
+    # Under DDP the schedules read the share of the budget agreed at the last sync, not this
+    # process's clock, so every rank decides the critic step and the unlabelled draw alike.
+    from segan.run_clock import RunClock
+
+    clock = RunClock()
+    clock.start(time.monotonic() + 30.0, 100.0, agreed=True)
+    assert clock.schedule_epoch(3.0, 40) == 3.0 and clock.used() == pytest.approx(0.7, abs=0.01)
+    clock.agreed_used = 0.5
+    assert clock.schedule_epoch(3.0, 40) == 20.0

@@ -18,7 +18,7 @@ from typing import Any, Mapping
 
 import torch
 
-from segan.config import Config, MethodConfig
+from segan.config import MethodConfig
 
 EPS = 1e-4  # VQGAN's
 
@@ -45,13 +45,6 @@ def ramped(w_adv: float, since: float, ramp_epochs: int) -> float:
     if ramp_epochs > 0:
         return w_adv * min(1.0, since / ramp_epochs)
     return w_adv
-
-
-def adversarial_weight(cfg: Config, epoch_float: float) -> float:
-    """``w_adv`` after a segmentation-only warm-up of ``adv_warmup_epochs``, ramped linearly over
-    ``adv_ramp_epochs`` (``adv_start: epoch``; a run's schedule is ``Method.schedule``)."""
-    m = cfg.method
-    return ramped(m.w_adv, epoch_float - m.adv_warmup_epochs, m.adv_ramp_epochs)
 
 
 class AdversarialSchedule:

@@ -85,6 +85,26 @@ def _log_stop(tracker, trainer: Trainer | None, reason: str) -> None:
         tracker.log_stop(reason, trainer.epoch, trainer.step, trainer.clock.seconds())
 
 
+def _warn_if_critic_idle(trainer: Trainer) -> None:
+    """One warning when a critic method ended without its critic ever training: the run was
+    supervised (``adv_start: settled`` whose loss never settled, or a warm-up as long as the run)."""
+    method, cfg = trainer.method, trainer.cfg.method
+    position = trainer.clock.schedule_epoch(trainer.epoch, trainer.cfg.train.epochs)
+    if not method.has_critic or method.schedule.trained_by(position):
+        return
+    if cfg.w_adv <= 0:
+        why, fix = "method.w_adv is 0", "set method.w_adv above 0"
+    elif cfg.adv_start == "settled":
+        why = (f"loss_seg never settled (method.adv_start: settled, adv_settle_tol {cfg.adv_settle_tol}, "
+               f"adv_settle_below {cfg.adv_settle_below})")
+        fix = "give it more train.epochs / train.max_minutes or set method.adv_start=epoch"
+    else:
+        why = f"the run ended before method.adv_warmup_epochs {cfg.adv_warmup_epochs}"
+        fix = "give it more train.epochs / train.max_minutes or lower method.adv_warmup_epochs"
+    print(f"warning: the {cfg.name} critic never trained in {trainer.epoch} epochs: {why}; this run is "
+          f"supervised. To train it, {fix}", file=sys.stderr)
+
+
 def run_training(cfg: Config, out_dir: str | Path | None = None, resume: str | Path | None = None,
                  tracking_uri: str | None = None, register: str | None = None,
                  parent_run_id: str | None = None, extra_inputs: dict[str, str] | None = None) -> TrainResult:
@@ -133,6 +153,8 @@ def run_training(cfg: Config, out_dir: str | Path | None = None, resume: str | P
         deadline = time.monotonic() + budget_s if budget_s else None
         reason = trainer.fit(deadline, budget_s)
         _log_stop(tracker, trainer, reason)
+        if dist.is_main:
+            _warn_if_critic_idle(trainer)
         result.message = f"stopped: {reason}"
         if dist.is_main:
             tracker.log_curves(trainer.history)

@@ -187,3 +187,20 @@ def test_adaptive_and_settled_train_log_and_resume(phantoms, tmp_path):
     again = Trainer(cfg, tmp_path / "run2", DistContext())
     again.load_state_dict(ckpt)
     assert again.method.schedule.start == 2.0 and again.method.schedule.weight(2.5) == cfg.method.w_adv
+
+
+def test_a_run_whose_critic_never_trained_says_so(phantoms, tmp_path, capsys):
+    from segan.train_run import run_training
+
+    never = _cfg(phantoms, tmp_path, "method.adv_start=settled", "method.adv_settle_below=0.001",
+                 "train.epochs=2", "train.steps_per_epoch=1")
+    result = run_training(never, out_dir=tmp_path / "never")
+    assert result.exit_code == 0, result.message
+    err = capsys.readouterr().err
+    assert "warning: the segan critic never trained in 2 epochs: loss_seg never settled" in err
+    assert "method.adv_start=epoch" in err
+    trained = _cfg(phantoms, tmp_path, "method.adv_warmup_epochs=1", "method.adv_ramp_epochs=0",
+                   "train.epochs=2", "train.steps_per_epoch=1")
+    result = run_training(trained, out_dir=tmp_path / "trained")
+    assert result.exit_code == 0, result.message
+    assert "critic never trained" not in capsys.readouterr().err

@@ -72,6 +72,10 @@ class AdversarialSchedule:
             return 0.0
         return ramped(self.cfg.w_adv, epoch - self.start, self.cfg.adv_ramp_epochs)
 
+    def trained_by(self, epoch: float) -> bool:
+        """Whether ``w_adv`` was above 0 at some position before ``epoch`` (the critic trained)."""
+        return self.start is not None and self.start < epoch and self.cfg.w_adv > 0
+
     def end_epoch(self, epoch: float, loss_seg: float | None) -> None:
         """After an epoch: ``epoch`` (schedule position reached), its mean segmentation loss."""
         if self.start is not None or loss_seg is None:

@@ -116,21 +116,26 @@ def test_semi_term_only_after_warm_up_and_where_confident():
     assert set(method.segmentor_terms(None, _step(epoch=5.0), 0.0)) == {"loss_seg"}
 
 
-def test_advsemi_family_is_the_papers_recipe():
+def test_advsemi_family_is_the_papers_recipe_and_the_shipped_recipe_starts_at_half_time():
+    family = resolve_config(None, ["method.name=advsemi"]).config
+    m = family.method
+    assert (family.model.critic, family.model.critic_norm, m.clamp) == ("fcn", "none", None)
+    assert (m.w_adv, m.w_adv_unlabeled, m.w_semi, m.semi_threshold, m.semi_warmup_epochs, m.adv_warmup_epochs) == (
+        0.01, 0.001, 0.1, 0.2, 10.0, 0)
     cfg = resolve_config(REPO / "configs" / "advsemi_2d.yaml").config
     m = cfg.method
-    assert (cfg.model.critic, cfg.model.critic_norm, m.clamp) == ("fcn", "none", None)
-    assert (m.w_adv, m.w_adv_unlabeled, m.w_semi, m.semi_threshold, m.semi_warmup_epochs) == (
-        0.01, 0.001, 0.1, 0.2, 10.0)
+    assert (m.w_semi, m.semi_warmup_epochs, m.adv_warmup_epochs) == (0.1, 20.0, 20)  # README, Label efficiency
     assert cfg.data.labeled_cases == 2
     out = run_cli("describe", "-c", REPO / "configs" / "advsemi_2d.yaml")
     assert out.returncode == 0, out.stderr
     lines: dict[str, str] = {}
     for line in out.stdout.splitlines():  # the resolved config comes first (the networks' summary after it)
         lines.setdefault(line.split(":")[0].strip(), line)
-    for key, value in [("critic", "fcn"), ("w_adv", "0.01"), ("w_adv_unlabeled", "0.001"), ("w_semi", "0.1"),
-                       ("semi_threshold", "0.2"), ("semi_warmup_epochs", "10.0")]:
-        assert value in lines[key] and lines[key].rstrip().endswith("# method"), lines[key]
+    for key, value, source in [("critic", "fcn", "method"), ("w_adv", "0.01", "method"),
+                               ("w_adv_unlabeled", "0.001", "method"), ("semi_threshold", "0.2", "method"),
+                               ("w_semi", "0.1", "method"), ("semi_warmup_epochs", "20", "file"),
+                               ("adv_warmup_epochs", "20", "file")]:
+        assert value in lines[key] and lines[key].rstrip().endswith(f"# {source}"), lines[key]
 
 
 def test_semi_threshold_outside_0_1_is_a_user_error():

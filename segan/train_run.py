@@ -89,8 +89,7 @@ def _warn_if_critic_idle(trainer: Trainer) -> None:
     """One warning when a critic method ended without its critic ever training: the run was
     supervised (``adv_start: settled`` whose loss never settled, or a warm-up as long as the run)."""
     method, cfg = trainer.method, trainer.cfg.method
-    position = trainer.clock.schedule_epoch(trainer.epoch, trainer.cfg.train.epochs)
-    if not method.has_critic or method.schedule.trained_by(position):
+    if not method.has_critic or method.schedule.trained_by(trainer._schedule_epoch(trainer.epoch)):
         return
     if cfg.w_adv <= 0:
         why, fix = "method.w_adv is 0", "set method.w_adv above 0"
@@ -153,10 +152,9 @@ def run_training(cfg: Config, out_dir: str | Path | None = None, resume: str | P
         deadline = time.monotonic() + budget_s if budget_s else None
         reason = trainer.fit(deadline, budget_s)
         _log_stop(tracker, trainer, reason)
-        if dist.is_main:
-            _warn_if_critic_idle(trainer)
         result.message = f"stopped: {reason}"
         if dist.is_main:
+            _warn_if_critic_idle(trainer)
             tracker.log_curves(trainer.history)
             best = out / "best.pt"
             if cfg.train.fit_temperature:

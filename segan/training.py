@@ -351,7 +351,7 @@ class Trainer:
             epoch = self._schedule_epoch(self.epoch + i / self.steps_per_epoch)
             w_adv = self.method.schedule.weight(epoch)
             image_u = uniform = None
-            if batches_u is not None and self.method.needs_unlabeled(w_adv):
+            if batches_u is not None and self.method.needs_unlabeled(w_adv, epoch):
                 image_u = self._to_device(next(batches_u)["image"])
                 if "uniform" in batch:
                     uniform = batch["uniform"].to(self.device, non_blocking=True)

@@ -135,8 +135,26 @@ def test_unlabelled_batch_is_not_drawn_while_the_critic_waits(phantoms, tmp_path
     assert reads == [1] * (2 * batch_u)   # none in epoch 1, one batch per step (2 steps) in epoch 2
     h = trainer.history
     assert h[0]["loss_adv"] == 0 and h[1]["loss_adv"] > 0
-    assert trainer.method.needs_unlabeled(0.0) is False and trainer.method.needs_unlabeled(0.1) is True
-    # a method without a critic (mean teacher) uses the batch from the first step
+    assert trainer.method.needs_unlabeled(0.0, 5.0) is False and trainer.method.needs_unlabeled(0.1, 0.0) is True
+    # a method without a critic (mean teacher) uses the batch from the first step, as the paper
     mt = Trainer(_cfg(phantoms, tmp_path, "method.name=meanteacher", "data.labeled_cases=1"), tmp_path / "mt",
                  DistContext())
-    assert mt.method.needs_unlabeled(0.0) is True
+    assert mt.method.needs_unlabeled(0.0, 0.0) is True
+
+
+def test_mean_teacher_starts_its_consistency_term_at_semi_warmup_epochs(phantoms, tmp_path):
+    # semi_warmup_epochs 1: epoch 1 is supervised (no unlabelled read, loss_cons 0), epoch 2 draws a batch
+    # every step and its consistency weight is the ramp from the start (0 ramp epochs: full weight)
+    cfg = _cfg(phantoms, tmp_path, "method.name=meanteacher", "data.labeled_cases=1", "method.semi_warmup_epochs=1",
+               "method.consistency_rampup_epochs=0", "train.epochs=2", "data.num_workers=0")
+    trainer = Trainer(cfg, tmp_path / "run", DistContext())
+    reads, getitem, stream = [], type(trainer.unlabeled_set).__getitem__, trainer.unlabeled_set
+    type(stream).__getitem__ = lambda ds, i: (ds is stream and reads.append(trainer.epoch)) or getitem(ds, i)
+    try:
+        assert trainer.fit(None) == "epochs"
+    finally:
+        type(stream).__getitem__ = getitem
+    assert reads == [1] * (2 * trainer.unlabeled_batch_size)
+    h = trainer.history
+    assert h[0]["loss_cons"] == 0 and h[1]["loss_cons"] > 0
+    assert trainer.method.needs_unlabeled(0.0, 0.99) is False and trainer.method.needs_unlabeled(0.0, 1.0) is True

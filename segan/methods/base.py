@@ -169,11 +169,12 @@ class Method:
         d = self.cfg.data
         return bool(self.uses_unlabeled) and (d.unlabeled is not None or d.labeled_cases is not None)
 
-    def needs_unlabeled(self, w_adv: float) -> bool:
-        """Whether this step's terms use the unlabelled batch (the loop skips loading and
-        segmenting it otherwise). A method with a critic uses it only through the critic, which
-        does not train at ``w_adv`` 0 (a warm-up, or ``adv_start: settled`` before the loss
-        settles), so there the batch would be segmented for nothing."""
+    def needs_unlabeled(self, w_adv: float, epoch: float) -> bool:
+        """Whether this step's terms use the unlabelled batch at schedule position ``epoch``
+        (the loop skips loading and segmenting it otherwise). A method with a critic uses it
+        only through the critic, which does not train at ``w_adv`` 0 (a warm-up, or
+        ``adv_start: settled`` before the loss settles), so there the batch would be segmented
+        for nothing. A method whose unlabelled term starts later says so by overriding this."""
         return bool(self.uses_unlabeled) and (not self.has_critic or w_adv > 0)
 
     # ---------------------------------------------------------------- adversarial balance

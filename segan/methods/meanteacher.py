@@ -2,7 +2,10 @@
 
 The teacher is an exponential moving average of the student (the segmentor); on the
 unlabelled batch the student's sigmoid probabilities are pulled towards the teacher's on a
-noisy copy of the input (MSE), weighted by a sigmoid ramp-up (Laine & Aila 2017).
+noisy copy of the input (MSE), weighted by a sigmoid ramp-up (Laine & Aila 2017) that begins
+at ``method.semi_warmup_epochs`` (0: from the first step, as the paper). Before it the loop
+neither loads nor segments the unlabelled batch, so those epochs cost what supervised ones do;
+the teacher follows the student throughout.
 """
 
 from __future__ import annotations
@@ -33,7 +36,8 @@ class MeanTeacher(Method):
     loss_names = ("loss_seg", "loss_adv", "loss_cons")
     family = Family(
         settings={"model.critic": "none", "method.ema_decay": 0.99, "method.w_consistency": 1.0,
-                  "method.consistency_rampup_epochs": 5.0, "method.consistency_noise": 0.1},
+                  "method.consistency_rampup_epochs": 5.0, "method.consistency_noise": 0.1,
+                  "method.semi_warmup_epochs": 0.0},
         allowed={"model.critic": (("none",), "the mean teacher trains no critic")},
     )
 
@@ -46,6 +50,10 @@ class MeanTeacher(Method):
         for p in self.teacher.parameters():
             p.requires_grad_(False)
 
+    def needs_unlabeled(self, w_adv: float, epoch: float) -> bool:
+        """From ``method.semi_warmup_epochs`` on (the consistency term's start)."""
+        return epoch >= self.cfg.method.semi_warmup_epochs
+
     def segmentor_terms(self, critic, step: Step, w_adv: float) -> dict[str, Term]:
         terms = super().segmentor_terms(critic, step, w_adv)
         if step.has_unlabeled and self.teacher is not None:
@@ -54,7 +62,8 @@ class MeanTeacher(Method):
                 noisy = step.image_u + m.consistency_noise * torch.randn_like(step.image_u)
                 target = torch.sigmoid(self.teacher(noisy).float())  # (M, K, *s)
             cons = torch.mean((step.prob_u - target) ** 2)
-            terms["loss_cons"] = Term(cons, m.w_consistency * sigmoid_rampup(step.epoch, m.consistency_rampup_epochs))
+            ramp = sigmoid_rampup(step.epoch - m.semi_warmup_epochs, m.consistency_rampup_epochs)
+            terms["loss_cons"] = Term(cons, m.w_consistency * ramp)
         return terms
 
     @torch.no_grad()

@@ -7,6 +7,7 @@ import numpy as np
 import pytest
 import torch
 
+from segan.config_layers import resolve_config
 from segan.data import _split_unlabeled, build_data
 from segan.errors import UserError
 from segan.runtime import DistContext
@@ -140,6 +141,9 @@ def test_unlabelled_batch_is_not_drawn_while_the_critic_waits(phantoms, tmp_path
     mt = Trainer(_cfg(phantoms, tmp_path, "method.name=meanteacher", "data.labeled_cases=1"), tmp_path / "mt",
                  DistContext())
     assert mt.method.needs_unlabeled(0.0, 0.0) is True
+    # ... and the shipped recipe gives it the other semi-supervised recipes' supervised first half
+    recipe = resolve_config(SMOKE.parent / "meanteacher_2d.yaml").config.method
+    assert (mt.cfg.method.semi_warmup_epochs, recipe.semi_warmup_epochs) == (0.0, 20.0)
 
 
 def test_mean_teacher_starts_its_consistency_term_at_semi_warmup_epochs(phantoms, tmp_path):

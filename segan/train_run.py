@@ -89,7 +89,7 @@ def _warn_if_critic_idle(trainer: Trainer) -> None:
     """One warning when a critic method ended without its critic ever training: the run was
     supervised (``adv_start: settled`` whose loss never settled, or a warm-up as long as the run)."""
     method, cfg = trainer.method, trainer.cfg.method
-    if not method.has_critic or method.schedule.trained_by(trainer._schedule_epoch(trainer.epoch)):
+    if not method.has_critic or method.schedule.trained_by(trainer.schedule_epoch(trainer.epoch)):
         return
     if cfg.w_adv <= 0:
         why, fix = "method.w_adv is 0", "set method.w_adv above 0"

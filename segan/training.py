@@ -258,7 +258,7 @@ class Trainer:
             stats, out_of_time = self.train_epoch(loader, loader_u)
             self.epoch += 1
             self._end_epoch_schedule(stats)
-            progress = self._schedule_epoch(self.epoch) / cfg.train.epochs
+            progress = self.schedule_epoch(self.epoch) / cfg.train.epochs
             for sched in (self.sched_seg, self.sched_critic):
                 if sched is not None:
                     sched.step(progress)
@@ -293,7 +293,7 @@ class Trainer:
         """Hand the epoch's segmentation loss to the adversarial schedule (``adv_start: settled``);
         under DDP rank 0's decision holds on every rank (the critic steps must agree)."""
         schedule = self.method.schedule
-        schedule.end_epoch(self._schedule_epoch(self.epoch), stats.get("loss_seg"))
+        schedule.end_epoch(self.schedule_epoch(self.epoch), stats.get("loss_seg"))
         if self.dist.enabled and schedule.state_dict():
             import torch.distributed as dist
 
@@ -348,7 +348,7 @@ class Trainer:
             batch = next(batches)
             image = self._to_device(batch["image"])
             target = self._to_device(batch["target"])
-            epoch = self._schedule_epoch(self.epoch + i / self.steps_per_epoch)
+            epoch = self.schedule_epoch(self.epoch + i / self.steps_per_epoch)
             w_adv = self.method.schedule.weight(epoch)
             image_u = uniform = None
             if batches_u is not None and self.method.needs_unlabeled(w_adv, epoch):
@@ -374,7 +374,7 @@ class Trainer:
         elapsed = time.perf_counter() - start
         stats = {name: totals[k] / max(count, 1) for k, name in enumerate(names)}
         stats["samples_per_s"] = seen * self.dist.world_size / max(elapsed, 1e-9)
-        stats["w_adv"] = self.method.schedule.weight(self._schedule_epoch(self.epoch + 1))
+        stats["w_adv"] = self.method.schedule.weight(self.schedule_epoch(self.epoch + 1))
         if self.device.type == "cuda":
             stats["gpu_mem_peak_gb"] = torch.cuda.max_memory_allocated(self.device) / 1e9
         return stats, out_of_time
@@ -383,7 +383,7 @@ class Trainer:
         tensor = tensor.to(self.device, non_blocking=True)
         return tensor.contiguous(memory_format=self.memory_format) if self.memory_format is not None else tensor
 
-    def _schedule_epoch(self, epoch: float) -> float:
+    def schedule_epoch(self, epoch: float) -> float:
         """The epoch the schedules act on (:meth:`segan.run_clock.RunClock.schedule_epoch`)."""
         return self.clock.schedule_epoch(epoch, self.cfg.train.epochs)
 

@@ -221,10 +221,10 @@ def test_ctrl_c_saves_state_and_exits_cleanly(phantoms, tmp_path, sig):
 def test_time_budget_drives_warmup_and_schedule(phantoms, tmp_path):
     cfg = _cfg(phantoms, tmp_path, "train.epochs=40", "method.adv_warmup_epochs=20", "method.w_adv=0.1")
     trainer = Trainer(cfg, tmp_path / "run", DistContext())
-    assert trainer._schedule_epoch(3.0) == 3.0  # no budget: epochs only
+    assert trainer.schedule_epoch(3.0) == 3.0  # no budget: epochs only
     trainer.clock.start(time.monotonic() + 30.0, 100.0)  # 70 % of the budget used
-    assert trainer._schedule_epoch(3.0) == pytest.approx(28.0, abs=0.5)
-    assert trainer.method.schedule.weight(trainer._schedule_epoch(3.0)) == pytest.approx(0.1)
+    assert trainer.schedule_epoch(3.0) == pytest.approx(28.0, abs=0.5)
+    assert trainer.method.schedule.weight(trainer.schedule_epoch(3.0)) == pytest.approx(0.1)
     # Under DDP the schedules read the share of the budget agreed at the last sync, not this
     # process's clock, so every rank decides the critic step and the unlabelled draw alike.
     from segan.run_clock import RunClock

@@ -120,7 +120,8 @@ class MethodConfig:
     w_adv_unlabeled: float = 0.001  # advsemi: adversarial weight on the unlabelled batch (the code's lambda_semi_adv)
     w_semi: float = 0.1  # advsemi: weight of the confidence-masked self-training BCE on unlabelled voxels
     semi_threshold: float = 0.2  # advsemi: a voxel joins the self-training loss where D's confidence > this
-    # epochs before the unlabelled term: advsemi's self-training (the code: 5000 of 20000 steps), meanteacher's consistency
+    # epochs before the unlabelled term: advsemi's self-training (the code: 5000 of 20000 steps; never before its
+    # discriminator trains, whose confidence masks it), meanteacher's consistency
     semi_warmup_epochs: float = 10.0
     critic_image: bool = False  # advsemi: the discriminator also sees the image (the paper: the mask only)
     w_semi_fm: float = 0.0  # segan: weight of the critic-feature matching x_u*S(x_u) vs x*y (0 = off)

@@ -125,6 +125,10 @@ def test_patchgan_uses_unlabelled_fakes(phantoms, tmp_path, method):
     ("bce", ["method.adv_warmup_epochs=1", "method.adv_ramp_epochs=0"], "loss_adv"),
     # the mean teacher's consistency term from semi_warmup_epochs (0 ramp epochs: full weight at once)
     ("meanteacher", ["method.semi_warmup_epochs=1", "method.consistency_rampup_epochs=0"], "loss_cons"),
+    # advsemi's self-training is masked by D's confidence: not before D trains, whatever semi_warmup_epochs
+    # says (threshold 0: every voxel confident once D trains, so the term is surely > 0 in epoch 2)
+    ("advsemi", ["method.adv_warmup_epochs=1", "method.semi_warmup_epochs=0", "method.semi_threshold=0"],
+     "loss_semi"),
 ])
 def test_unlabelled_batch_is_not_drawn_before_its_term_starts(phantoms, tmp_path, method, start, term):
     # epoch 1: the loop neither loads nor segments the unlabelled batch; epoch 2: one batch per step

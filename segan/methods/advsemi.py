@@ -10,7 +10,9 @@ too with ``method.critic_image``) and outputs per-voxel logits upsampled to the 
 - Segmentor: ``w_seg * seg + w_adv * BCE(D(S(x)), 1) + w_adv_unlabeled * BCE(D(S(x_u)), 1)
   + w_semi * L_semi``; ``L_semi`` is the BCE of the logits ``S(x_u)`` towards their own
   thresholded prediction ``S(x_u) > 0.5``, averaged over the voxels where D's confidence
-  exceeds ``method.semi_threshold``, from ``method.semi_warmup_epochs`` on.
+  exceeds ``method.semi_threshold``, from ``method.semi_warmup_epochs`` on, and never before D
+  trains (``method.adv_warmup_epochs`` / ``adv_start``): the voxel mask is D's confidence, which
+  an untrained D cannot give, so the later of the two starts the term.
 """
 
 from __future__ import annotations

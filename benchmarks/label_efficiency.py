@@ -81,6 +81,22 @@ def table(results: list[dict], labeled: list[int]) -> str:
     return "\n".join(lines)
 
 
+def unused_budget(results: list[dict], minutes: float, share: float = 0.8) -> list[str]:
+    """A line per (variant, method, labelled count) with runs that stopped on their epochs before
+    ``share`` of the budget: under one wall clock such a method could have trained longer, so the
+    comparison is not budget-matched for it (e.g. the 40-epoch supervised recipe on a CPU)."""
+    lines = []
+    for key in dict.fromkeys((r["variant"], r["method"], r["labeled"]) for r in results):
+        short = [r for r in results if (r["variant"], r["method"], r["labeled"]) == key and r["exit_code"] == 0
+                 and r.get("stop") == "epochs" and r["train_minutes"] < share * minutes]
+        if short:
+            used = sorted(r["train_minutes"] for r in short)
+            lines.append(f"note: {key[1]} ({key[0]}, {key[2]} labelled): {len(short)} run(s) stopped at their "
+                         f"{short[0]['epochs']} epochs after {used[0]:.1f}-{used[-1]:.1f} of {minutes:g} min; "
+                         f"the budget is not matched for it: give it more train.epochs to compare under one wall clock")
+    return lines
+
+
 def plot(path: Path, results: list[dict], variant: str) -> None:
     import statistics
 
@@ -145,7 +161,7 @@ def main(argv: list[str] | None = None) -> int:
 
     with ThreadPoolExecutor(max(1, args.parallel)) as pool:
         results = list(pool.map(run, jobs))
-    text = table(results, labeled)
+    text = "\n".join([table(results, labeled), *unused_budget(results, args.minutes)])
     (args.out / "results.json").write_text(json.dumps(results, indent=1))
     (args.out / "label_efficiency.md").write_text(text + "\n")
     for variant in variants:

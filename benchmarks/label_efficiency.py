@@ -67,6 +67,11 @@ def prepare(out: Path, variant: str, cases: int, size: int) -> Path:
     return data
 
 
+def cell(results: list[dict], variant: str, method: str, labeled: int) -> list[dict]:
+    """The runs of one (variant, method, labelled count): a table cell, a plot point, a budget note."""
+    return [r for r in results if (r["variant"], r["method"], r["labeled"]) == (variant, method, labeled)]
+
+
 def table(results: list[dict], labeled: list[int]) -> str:
     lines = ["| variant | method | " + " | ".join(f"{n} labelled: test Dice" for n in labeled) + " |",
              "|---|---|" + "---|" * len(labeled)]
@@ -74,7 +79,7 @@ def table(results: list[dict], labeled: list[int]) -> str:
         for method in dict.fromkeys(r["method"] for r in results):
             cells = []
             for n in labeled:
-                rs = [r for r in results if (r["variant"], r["method"], r["labeled"]) == (variant, method, n)]
+                rs = cell(results, variant, method, n)
                 done = [r["test_dice"] for r in rs if r["exit_code"] == 0]
                 cells.append(f"{_mean_std(done)} (n={len([d for d in done if d == d])}/{len(rs)})")
             lines.append(f"| {variant} | {method} | " + " | ".join(cells) + " |")
@@ -87,8 +92,8 @@ def unused_budget(results: list[dict], minutes: float, share: float = 0.8) -> li
     comparison is not budget-matched for it (e.g. the 40-epoch supervised recipe on a CPU)."""
     lines = []
     for key in dict.fromkeys((r["variant"], r["method"], r["labeled"]) for r in results):
-        short = [r for r in results if (r["variant"], r["method"], r["labeled"]) == key and r["exit_code"] == 0
-                 and r.get("stop") == "epochs" and r["train_minutes"] < share * minutes]
+        short = [r for r in cell(results, *key)
+                 if r["exit_code"] == 0 and r["stop"] == "epochs" and r["train_minutes"] < share * minutes]
         if short:
             used = sorted(r["train_minutes"] for r in short)
             lines.append(f"note: {key[1]} ({key[0]}, {key[2]} labelled): {len(short)} run(s) stopped at their "
@@ -107,8 +112,8 @@ def plot(path: Path, results: list[dict], variant: str) -> None:
     for method in dict.fromkeys(r["method"] for r in results):
         points = []
         for n in sorted({r["labeled"] for r in results}):
-            vals = [r["test_dice"] for r in results if (r["variant"], r["method"], r["labeled"]) == (variant, method, n)
-                    and r["exit_code"] == 0 and r["test_dice"] == r["test_dice"]]
+            vals = [r["test_dice"] for r in cell(results, variant, method, n)
+                    if r["exit_code"] == 0 and r["test_dice"] == r["test_dice"]]
             if vals:
                 points.append((float(n), statistics.fmean(vals), statistics.stdev(vals) if len(vals) > 1 else 0.0,
                                len(vals)))
